@@ -1,0 +1,161 @@
+"""Server benchmark: N requests at concurrency C over loopback, every one checked in the log.
+
+    python bench/serve.py                       # tiny random model (trained for a few steps), 5000 x 32
+    python bench/serve.py --run runs/demo       # the real SmolLM2-135M demo run
+    python bench/serve.py --requests 1000 --concurrency 8
+
+Starts `taskling serve` on 127.0.0.1 (a free port, a fresh prediction log), waits for
+/healthz, drives `/v1/classify` with one text per request from CLINC150 test messages, then
+stops the server and counts the rows in its log: rows logged must equal requests answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+console = Console(width=120)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_run(workdir: Path) -> Path:
+    """The test suite's tiny random Llama, with an adapter trained for a few steps."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import FIXTURES, build_tiny_model, clinc8_labels
+    from taskling.config import build_config
+    from taskling.train import train
+
+    model_dir = build_tiny_model(workdir / "tiny-llama")
+    config = build_config(
+        {
+            "task": {"name": "clinc8", "labels": clinc8_labels()},
+            "data": {"train": [str(FIXTURES / "clinc8_train.jsonl")], "validation_fraction": 0.2},
+            "model": {"base": str(model_dir), "dtype": "float32", "max_length": 128},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"epochs": 1, "max_steps": 5, "batch_size": 16, "seed": 0, "threads": 2},
+            "run_dir": str(workdir / "run"),
+        }
+    )
+    return train(config).run_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def messages(n: int) -> list[str]:
+    from taskling.demo import find_clinc
+
+    rows = [json.loads(line)["text"] for line in (find_clinc() / "test.jsonl").read_text().splitlines()]
+    return [rows[i % len(rows)] for i in range(n)]
+
+
+async def drive(url: str, texts: list[str], concurrency: int) -> tuple[list[float], dict[str, int], int]:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    next_index = 0
+    ok = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal next_index, ok
+        while next_index < len(texts):
+            text = texts[next_index]
+            next_index += 1
+            started = time.perf_counter()
+            try:
+                r = await client.post(url + "/v1/classify", json={"text": text})
+            except httpx.HTTPError as err:
+                errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
+                continue
+            latencies.append(time.perf_counter() - started)
+            if r.status_code == 200:
+                ok += 1
+            else:
+                errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return latencies, errors, ok
+
+
+def pct(xs: list[float], q: float) -> float:
+    ordered = sorted(xs)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="a trained run (default: the tiny test model)")
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (1 leaves a core)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="taskling-bench-serve-"))
+    run = Path(args.run) if args.run else tiny_run(work)
+    model = "real: " + json.loads((run / "run.json").read_text())["base_model"] if args.run else "tiny random Llama"
+    db = work / "predictions.db"
+    port = free_port()
+    cmd = [sys.executable, "-m", "taskling.cli", "serve", str(run), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--log-url", f"sqlite:///{db}", "--max-batch", str(args.max_batch), "--threads", str(args.threads)]
+    cmd += ["--max-queue", str(4 * args.concurrency)]
+    log_file = (work / "server.err").open("wb")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited: {(work / 'server.err').read_text()}")
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        texts = messages(args.requests)
+        _, _, warm_rows = asyncio.run(drive(url, texts[:64], 8))  # warm-up, not counted
+        started = time.perf_counter()
+        latencies, errors, ok = asyncio.run(drive(url, texts, args.concurrency))
+        seconds = time.perf_counter() - started
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    with sqlite3.connect(db) as conn:
+        logged = conn.execute("select count(*) from predictions").fetchone()[0] - warm_rows
+
+    table = Table(title=f"bench/serve.py: {args.requests} requests, concurrency {args.concurrency}, loopback")
+    table.add_column("measure")
+    table.add_column("value")
+    table.add_row("model", f"{model} ({run})")
+    table.add_row("throughput", f"{ok / seconds:.1f} requests/s ({seconds:.1f} s)")
+    table.add_row(
+        "latency p50 / p99 (client side)", f"{pct(latencies, 0.5) * 1000:.1f} / {pct(latencies, 0.99) * 1000:.1f} ms"
+    )
+    table.add_row("answered 200", str(ok))
+    table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in errors.items()) or "0")
+    verdict = "[green]equal[/]" if logged == ok else "[red]MISMATCH[/]"
+    table.add_row("rows logged (must equal answered)", f"{logged} {verdict}")
+    table.add_row("load average", " ".join(f"{x:.1f}" for x in os.getloadavg()))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Typed configuration: one pydantic model per stage, composed into `ProjectConfig`.
+
+A config is a YAML file plus `key.path=value` overrides from the command line. Unknown
+keys are errors. Relative paths in the YAML are resolved against the YAML's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from taskling.errors import ConfigError
+from taskling.task import Task
+
+BUNDLED_MODEL = "bundled:smollm2-135m"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and what to do with bad rows."""
+
+    train: list[Path]
+    validation: list[Path] = Field(default_factory=list)
+    # Share of train held out for validation loss when no validation file is given.
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    format: Literal["auto", "text_label", "instruction", "alpaca", "chat", "csv"] = "auto"
+    text_field: str = "text"
+    label_field: str = "label"
+    # "error" stops at the first bad row; "skip" drops bad rows, counts and reports them.
+    on_bad_rows: Literal["error", "skip"] = "error"
+    # A frozen gold set (`taskling split` writes gold.manifest.json): training refuses rows
+    # that copy a gold row, exactly or as a near-duplicate.
+    gold_manifest: Path | None = None
+
+
+class ModelConfig(_Strict):
+    """The base model: a Hugging Face id, a local directory, a .gguf file, or a bundled alias."""
+
+    base: str = BUNDLED_MODEL
+    gguf_file: str | None = None
+    # Overrides the tokenizer's chat template (needed for GGUF files that carry none).
+    chat_template: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: int = Field(256, ge=16)
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # "all-linear" targets every linear layer but the output head (the QLoRA recipe).
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainSettings(_Strict):
+    learning_rate: float = Field(2e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    # Evaluate validation loss every N optimizer steps; 0 means once per epoch.
+    eval_every: int = Field(0, ge=0)
+    # Stop after this many evaluations without improvement; 0 disables early stopping.
+    patience: int = Field(2, ge=0)
+    min_delta: float = Field(0.0, ge=0.0)
+    # Save a resumable checkpoint every N optimizer steps (and at every evaluation); 0: only at evaluations.
+    checkpoint_every: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1)
+
+
+class ProjectConfig(_Strict):
+    """Everything one run needs; saved resolved as `RUN_DIR/config.yaml`."""
+
+    task: Task
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    run_dir: Path = Path("runs/default")
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn `["train.epochs=2", "task.name=x"]` into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} has no '='", fix="write overrides as key.path=value, e.g. train.epochs=2"
+            )
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
+    def fix(p: Any) -> Any:
+        path = Path(str(p)).expanduser()
+        return str(path if path.is_absolute() else root / path)
+
+    raw = dict(raw)
+    data = dict(raw.get("data") or {})
+    for key in ("train", "validation"):
+        if key in data:
+            value = data[key]
+            data[key] = [fix(v) for v in value] if isinstance(value, list) else [fix(value)]
+    if data.get("gold_manifest"):
+        data["gold_manifest"] = fix(data["gold_manifest"])
+    if data:
+        raw["data"] = data
+    task = raw.get("task")
+    if isinstance(task, dict) and "labels_file" in task:
+        raw["task"] = {**task, "labels_file": fix(task["labels_file"])}
+    if "run_dir" in raw:
+        raw["run_dir"] = fix(raw["run_dir"])
+    model = raw.get("model")
+    if isinstance(model, dict) and "base" in model:
+        base = str(model["base"])
+        candidate = root / base
+        if not base.startswith("bundled:") and not Path(base).is_absolute() and candidate.exists():
+            raw["model"] = {**model, "base": str(candidate)}
+    return raw
+
+
+def build_config(raw: dict[str, Any], *, source: str = "config") -> ProjectConfig:
+    """Validate a config dict; errors name the offending key."""
+    try:
+        return ProjectConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"  {where}: {msg}")
+        raise ConfigError(
+            f"{source} is invalid:\n" + "\n".join(problems),
+            fix="correct or remove the keys above (see README, 'Configuration')",
+        ) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ProjectConfig:
+    """Read a YAML config, apply `key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (task, data, ...)")
+    raw = _resolve_paths(raw, path.parent.resolve())
+    # Paths given on the command line are relative to where the command runs.
+    extra = _resolve_paths(parse_overrides(overrides or []), Path.cwd())
+    return build_config(_merge(raw, extra), source=str(path))
+
+
+def dump_config(config: ProjectConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,297 @@
+"""The prediction log: every answer the specialist gives, in a real database.
+
+One row per prediction: time, request id, adapter name, model version, input text, label,
+its probability, all label probabilities (JSON) and latency. The default store is SQLite
+in WAL mode at `RUN_DIR/predictions.db`; any SQLAlchemy URL works, e.g.
+`postgresql+psycopg://user@host/db` (install the driver, e.g. `pip install psycopg`).
+
+Writes are batched off the request path with a group commit: callers `submit` rows and get
+a future; one writer thread gathers whatever rows are waiting (up to `batch_size`, or what
+arrives within `max_wait_s` of the first), inserts them in one transaction, commits, and
+only then resolves the futures. A server answers a request after its future resolves, so
+every acknowledged prediction is on disk when the server is killed, SIGKILL included.
+SQLite runs with `synchronous=FULL`, so a commit also survives the machine losing power.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
+)
+
+from taskling.errors import TasklingError
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "predictions.db"
+
+metadata = MetaData()
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("time", Float, nullable=False, index=True),  # unix seconds, UTC
+    Column("request_id", String(64), nullable=False, index=True),
+    Column("adapter", String(128), nullable=False),
+    Column("model_version", String(128), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("label", String(256), nullable=False, index=True),
+    Column("probability", Float, nullable=False),
+    Column("probabilities", Text, nullable=False),  # JSON object label -> probability
+    Column("latency_ms", Float, nullable=False),
+)
+
+
+class LogError(TasklingError):
+    """The prediction log cannot be opened, written or read."""
+
+
+@dataclass
+class LogRow:
+    request_id: str
+    adapter: str
+    model_version: str
+    text: str
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+    latency_ms: float
+    time: float = field(default_factory=time.time)
+
+    def to_db(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "request_id": self.request_id,
+            "adapter": self.adapter,
+            "model_version": self.model_version,
+            "text": self.text,
+            "label": self.label,
+            "probability": self.probability,
+            "probabilities": json.dumps(self.probabilities),
+            "latency_ms": self.latency_ms,
+        }
+
+
+def default_url(run_dir: str | Path) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / DB_NAME}"
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for `url` with the schema in place; SQLite gets WAL and full sync."""
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+            @event.listens_for(engine, "connect")
+            def _pragmas(conn: Any, _record: Any) -> None:
+                cur = conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.close()
+
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+        metadata.create_all(engine)
+    except Exception as err:  # driver missing, bad URL, unreachable server
+        raise LogError(
+            f"cannot open the prediction log {redact(url)}: {err}",
+            fix="check the URL (sqlite:///path.db or postgresql+psycopg://user@host/db) and that its driver is there",
+        ) from None
+    return engine
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+class PredictionLog:
+    """Group-committing writer: `submit` returns a future resolved once the rows are committed."""
+
+    def __init__(self, url: str, *, batch_size: int = 512, max_wait_s: float = 0.002) -> None:
+        self.url = url
+        self.engine = open_engine(url)
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_s
+        self._queue: queue.Queue[tuple[list[dict[str, Any]], Future[int]] | None] = queue.Queue()
+        self.committed_rows = 0
+        self.commits = 0
+        self._thread = threading.Thread(target=self._run, name="taskling-predlog", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def submit(self, rows: Sequence[LogRow]) -> Future[int]:
+        """Queue `rows` for the next group commit; the future gives the row count once durable."""
+        fut: Future[int] = Future()
+        if self._closed:
+            fut.set_exception(LogError("the prediction log is closed"))
+            return fut
+        self._queue.put(([r.to_db() for r in rows], fut))
+        return fut
+
+    def write(self, rows: Sequence[LogRow]) -> int:
+        """Submit and wait for the commit."""
+        return self.submit(rows).result()
+
+    def _gather(self, first: tuple[list[dict[str, Any]], Future[int]]) -> tuple[list[Any], bool]:
+        batch = [first]
+        size = len(first[0])
+        deadline = time.monotonic() + self.max_wait_s
+        stop = False
+        while size < self.batch_size:
+            try:
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            batch.append(item)
+            size += len(item[0])
+        return batch, stop
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch, stop = self._gather(first)
+            rows = [row for rows, _ in batch for row in rows]
+            try:
+                with self.engine.begin() as conn:  # one transaction, one commit (and fsync)
+                    if rows:
+                        conn.execute(insert(predictions), rows)
+            except Exception as err:
+                log.error("prediction log write failed (%d rows not acknowledged): %s", len(rows), err)
+                for _, fut in batch:
+                    fut.set_exception(LogError(f"prediction log write failed: {err}"))
+                continue
+            self.committed_rows += len(rows)
+            self.commits += 1
+            for item_rows, fut in batch:
+                fut.set_result(len(item_rows))
+        # Drain what arrived after the stop signal so no caller waits forever.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[1].set_exception(LogError("the prediction log closed before this write"))
+
+    def close(self) -> None:
+        """Commit everything submitted so far, then stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        self.engine.dispose()
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+
+def read_rows(
+    url: str,
+    *,
+    limit: int | None = None,
+    label: str | None = None,
+    adapter: str | None = None,
+    since: float | None = None,
+    max_probability: float | None = None,
+    newest: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Logged predictions, oldest first, filtered; `probabilities` decoded from JSON.
+
+    With `newest`, `limit` keeps the latest rows (still yielded oldest first).
+    """
+    engine = open_engine(url)
+    query = select(predictions).order_by(predictions.c.id.desc() if newest else predictions.c.id)
+    if label is not None:
+        query = query.where(predictions.c.label == label)
+    if adapter is not None:
+        query = query.where(predictions.c.adapter == adapter)
+    if since is not None:
+        query = query.where(predictions.c.time >= since)
+    if max_probability is not None:
+        query = query.where(predictions.c.probability <= max_probability)
+    if limit is not None:
+        query = query.limit(limit)
+    try:
+        with engine.connect() as conn:
+            result = conn.execute(query).mappings()
+            for row in reversed(list(result)) if newest else result:
+                out = dict(row)
+                out["probabilities"] = json.loads(out["probabilities"])
+                yield out
+    finally:
+        engine.dispose()
+
+
+def count_rows(url: str) -> int:
+    from sqlalchemy import func
+
+    engine = open_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(predictions)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def export_jsonl(rows: Iterator[dict[str, Any]], path: str | Path) -> int:
+    """Write rows as JSONL ready for relabeling: `text` and `label` first (a taskling data file).
+
+    Correct the `label` of the rows that need it and the file trains directly.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w", encoding="utf-8") as out:
+        for row in rows:
+            record = {
+                "text": row["text"],
+                "label": row["label"],
+                "probability": row["probability"],
+                "probabilities": row["probabilities"],
+                "model_version": row["model_version"],
+                "adapter": row["adapter"],
+                "time": row["time"],
+                "request_id": row["request_id"],
+                "id": row["id"],
+            }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n

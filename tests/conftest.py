@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny random chat model built from a config in seconds, and small data.
+
+The tiny model is a 2-layer Llama with hidden size 64 and a byte-level BPE tokenizer
+trained on the fixture texts, with a ChatML chat template like SmolLM2's. It knows
+nothing, which is the point: tests check behaviour, not quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tiny models gain nothing from a second thread, and threads oversubscribe a busy 2-core box.
+torch.set_num_threads(1)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def clinc8_labels() -> list[str]:
+    return (FIXTURES / "clinc8_labels.txt").read_text().split()
+
+
+def build_tiny_model(out: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random Llama and a trained-on-fixtures BPE tokenizer to `out`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in (FIXTURES / "clinc8_train.jsonl").read_text().splitlines()]
+    texts += [*clinc8_labels(), "Classify the user's message. Answer with exactly one category name."]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def labels() -> list[str]:
+    return clinc8_labels()
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir: Path, tmp_path: Path, labels: list[str]) -> dict[str, Any]:
+    """A raw config dict training the tiny model on the fixture data (fast: a few seconds)."""
+    return {
+        "task": {"name": "clinc8", "labels": labels},
+        "data": {"train": [str(FIXTURES / "clinc8_train.jsonl")], "validation_fraction": 0.2},
+        "model": {"base": str(tiny_model_dir), "dtype": "float32", "max_length": 128},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"epochs": 1, "batch_size": 16, "learning_rate": 5e-3, "seed": 0, "threads": 1},
+        "run_dir": str(tmp_path / "run"),
+    }
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, labels: list[str]) -> Path:
+    """One tiny run trained once per session, for tests that only need a finished run."""
+    from taskling.config import build_config
+    from taskling.train import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    config = build_config(
+        {
+            "task": {"name": "clinc8", "labels": labels},
+            "data": {"train": [str(FIXTURES / "clinc8_train.jsonl")], "validation_fraction": 0.2},
+            "model": {"base": str(tiny_model_dir), "dtype": "float32", "max_length": 128},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "seed": 0, "threads": 1},
+            "run_dir": str(run),
+        }
+    )
+    train(config)
+    return run
