@@ -161,7 +161,7 @@ def test_lone_surrogates_and_control_characters_are_classified(clf: Classifier) 
 
 def test_code_never_unpickles_weights() -> None:
     offenders = []
-    for path in SRC.glob("*.py"):
+    for path in SRC.rglob("*.py"):
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             code = line.split("#", 1)[0]
             if re.search(r"torch\.load\(", code) and "weights_only=True" not in code:
@@ -240,7 +240,7 @@ def test_artifacts_are_written_through_the_atomic_writer() -> None:
     bare = re.compile(r"(?<!tmp)\.write_text\(|\.open\(\s*[\"']w")
     offenders = [
         f"{path.name}:{n}: {line.strip()}"
-        for path in sorted(src.glob("*.py"))
+        for path in sorted(src.rglob("*.py"))
         for n, line in enumerate(path.read_text().splitlines(), 1)
         if bare.search(line) and "tmp" not in line and "history" not in line
     ]

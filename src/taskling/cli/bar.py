@@ -1,0 +1,293 @@
+"""Hold the bar: baseline, gate, ladder, report, cost, runs, compare (docs/bar.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from taskling.cli.common import (
+    app,
+    console,
+    friendly_errors,
+    render_metrics,
+)
+from taskling.errors import TasklingError
+
+
+def _render_verdict(verdict: Any) -> None:
+    color = "green" if verdict.passed else "red"
+    console.print(
+        f"[bold {color}]{'PASS' if verdict.passed else 'FAIL'}[/]: {verdict.candidate} vs {verdict.reference} "
+        f"on {verdict.n} gold rows (gold {verdict.gold_hash[:12]})"
+    )
+    level = 1 - verdict.thresholds["alpha"]
+    acc = Table(title=f"accuracy ({level:.0%} bootstrap CI)", show_header=False)
+    ref, cand, delta = verdict.reference_accuracy, verdict.candidate_accuracy, verdict.delta
+    acc.add_row(verdict.reference, f"{ref.estimate:.2%}  [{ref.low:.2%}, {ref.high:.2%}]")
+    acc.add_row(verdict.candidate, f"{cand.estimate:.2%}  [{cand.low:.2%}, {cand.high:.2%}]")
+    acc.add_row("difference", f"{delta.estimate:+.2%}  [{delta.low:+.2%}, {delta.high:+.2%}]")
+    b, c = verdict.discordant
+    acc.add_row(
+        verdict.thresholds["test"],
+        f"p={verdict.p_value:.3g} ({b} rows lost, {c} gained): {verdict.assessment}",
+    )
+    console.print(acc)
+    moved = [cat for cat in verdict.categories if cat.candidate != cat.reference]
+    if moved:
+        cats = Table(title="categories that changed")
+        for col in ("category", "n", "reference", "candidate", f"change ({level:.0%} CI)", "p", ""):
+            cats.add_column(col)
+        for cat in sorted(moved, key=lambda cat: cat.delta.estimate):
+            cats.add_row(
+                cat.label,
+                str(cat.support),
+                f"{cat.reference:.0%}",
+                f"{cat.candidate:.0%}",
+                f"{cat.delta.estimate:+.0%} [{cat.delta.low:+.0%}, {cat.delta.high:+.0%}]",
+                f"{cat.p_value:.3g}",
+                "[red]regressed[/]" if cat.regressed else "",
+            )
+        console.print(cats)
+    checks = Table(title="checks")
+    for col in ("check", "result", "why"):
+        checks.add_column(col)
+    for check in verdict.checks:
+        checks.add_row(check.name, "[green]pass[/]" if check.passed else "[red]FAIL[/]", check.detail)
+    console.print(checks)
+
+
+@app.command()
+@friendly_errors
+def baseline(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory to pin the baseline in (writes baseline.json).")],
+    gold: Annotated[Path, typer.Option("--gold", help="The gold file.")],
+    predictions: Annotated[
+        Path, typer.Option("--predictions", help="The reference system's labels: JSONL with text and label.")
+    ],
+    labels: Annotated[
+        str | None, typer.Option("--labels", help="Label set (file or a,b,c); default: RUN_DIR/run.json.")
+    ] = None,
+    name: Annotated[str, typer.Option(help="Name of the reference system.")] = "teacher",
+    repin: Annotated[bool, typer.Option("--repin", help="Replace an existing baseline on purpose.")] = False,
+) -> None:
+    """Score a reference system (the teacher) on the gold set once and pin it, with the gold hash."""
+    from taskling.bar import pin_baseline, read_labels
+    from taskling.evaluate import Metrics
+
+    payload = pin_baseline(
+        run_dir, gold, predictions, labels=read_labels(labels) if labels else None, name=name, repin=repin
+    )
+    render_metrics(Metrics(**payload["metrics"]), title=f"baseline: {name}")
+    console.print(f"pinned {run_dir / 'baseline.json'} on gold {payload['gold_hash'][:12]} ({payload['n']} rows)")
+
+
+@app.command()
+@friendly_errors
+def gate(
+    candidate: Annotated[Path, typer.Argument(help="Candidate run directory (or its predictions.jsonl).")],
+    against: Annotated[
+        Path | None,
+        typer.Option(help="baseline.json, a run dir with one, or a previous run (default: CANDIDATE/baseline.json)."),
+    ] = None,
+    gold: Annotated[Path | None, typer.Option("--gold", help="Check this gold file still has the pinned hash.")] = None,
+    margin: Annotated[float, typer.Option(help="Allowed accuracy drop (0.01 = one point).")] = 0.01,
+    category_tolerance: Annotated[float, typer.Option(help="Allowed accuracy drop in any category.")] = 0.10,
+    alpha: Annotated[float, typer.Option(help="Significance level of the paired tests.")] = 0.05,
+    exact: Annotated[bool, typer.Option("--exact", help="McNemar exact p instead of mid-p (stricter).")] = False,
+) -> None:
+    """Exit 0 if CANDIDATE holds the bar, 1 if not (2: usage error). Writes gate.json."""
+    from taskling.bar import gate_paths
+
+    verdict = gate_paths(
+        candidate,
+        against,
+        gold_file=gold,
+        margin=margin,
+        category_tolerance=category_tolerance,
+        alpha=alpha,
+        mid_p=not exact,
+    )
+    _render_verdict(verdict)
+    if not verdict.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def ladder(
+    config: Annotated[Path, typer.Argument(help="Project config YAML (task, training data, base model).")],
+    gold: Annotated[Path, typer.Option("--gold", help="The gold file every rung is scored on.")],
+    out: Annotated[Path, typer.Option("--out", help="Where rung predictions and ladder.json go.")] = Path(
+        "runs/ladder"
+    ),
+    lora_run: Annotated[
+        Path | None, typer.Option("--lora-run", help="Reuse this finished LoRA run (default: train one).")
+    ] = None,
+    rungs: Annotated[str, typer.Option(help="Comma-separated rungs.")] = "tfidf,minilm,zero-shot,few-shot,lora",
+    shots: Annotated[int, typer.Option(help="Few-shot examples per label.")] = 1,
+    against: Annotated[Path | None, typer.Option(help="Bar: gate every rung against this baseline.")] = None,
+    min_accuracy: Annotated[float | None, typer.Option(help="Bar: minimum accuracy.")] = None,
+    min_category_accuracy: Annotated[float | None, typer.Option(help="Bar: minimum worst-category accuracy.")] = None,
+) -> None:
+    """Train and score TF-IDF, MiniLM, zero/few-shot and LoRA; name the smallest that clears the bar."""
+    from taskling.config import load_config
+    from taskling.ladder import Bar, run_ladder
+
+    bar = Bar(against=against, min_accuracy=min_accuracy, min_category_accuracy=min_category_accuracy)
+    result = run_ladder(
+        load_config(config),
+        gold,
+        out,
+        rungs=[r.strip() for r in rungs.split(",") if r.strip()],
+        lora_run=lora_run,
+        shots=shots,
+        bar=bar,
+    )
+    render_ladder(result)
+
+
+def render_ladder(result: Any) -> None:
+    table = Table(title=f"ladder: {result.gold_rows} gold rows, {result.train_rows} training rows; bar: {result.bar}")
+    for col in ("rung", "accuracy", "macro-F1", "worst category", "latency ms", "msg/s", "memory MB", "train s", "bar"):
+        table.add_column(col)
+    for r in result.rungs:
+        mark = "-" if r.clears is None else ("[green]clears[/]" if r.clears else f"[red]no[/]: {r.why}")
+        table.add_row(
+            r.name,
+            f"{r.accuracy:.2%}",
+            f"{r.macro_f1:.3f}",
+            f"{r.worst_category} ({r.worst_category_accuracy:.0%})",
+            f"{r.latency_ms:.1f}",
+            f"{r.messages_per_second:.0f}",
+            f"{r.memory_mb:.1f}",
+            f"{r.train_seconds:.0f}",
+            mark,
+        )
+    console.print(table)
+    if result.smallest:
+        console.print(f"[bold green]smallest that clears the bar: {result.smallest}[/]")
+    elif any(r.clears is not None for r in result.rungs):
+        console.print("[bold red]no rung clears the bar[/]")
+    console.print(f"wrote {result.out_dir / 'ladder.json'}")
+
+
+@app.command()
+@friendly_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A scored run directory (metrics.json, predictions.jsonl).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output file (default: RUN_DIR/report.html).")] = None,
+    ladder_file: Annotated[Path | None, typer.Option("--ladder", help="A ladder.json to include.")] = None,
+    against: Annotated[Path | None, typer.Option(help="Baseline for the per-category bars.")] = None,
+) -> None:
+    """Write a self-contained report.html (no network needed to open it)."""
+    from taskling.report import write_report
+
+    path = write_report(run_dir, out=out, ladder=ladder_file, baseline=against)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+@friendly_errors
+def cost(
+    teacher_input_price: Annotated[float, typer.Option(help="Teacher $ per million input tokens.")],
+    teacher_output_price: Annotated[float, typer.Option(help="Teacher $ per million output tokens.")],
+    calls_per_day: Annotated[float, typer.Option(help="Traffic: calls per day.")],
+    input_tokens: Annotated[float, typer.Option(help="Input tokens per call (prompt + message).")] = 150,
+    output_tokens: Annotated[float, typer.Option(help="Output tokens per call.")] = 5,
+    run: Annotated[Path | None, typer.Option("--run", help="Take measured throughput from RUN/metrics.json.")] = None,
+    throughput: Annotated[float | None, typer.Option(help="Specialist messages per second (if no --run).")] = None,
+    hardware_per_hour: Annotated[float, typer.Option(help="Specialist hardware $ per hour.")] = 0.10,
+    maintenance_per_month: Annotated[float, typer.Option(help="Retraining + monitoring $ per month.")] = 500.0,
+    always_on: Annotated[bool, typer.Option("--always-on", help="Hardware rented all month.")] = False,
+) -> None:
+    """Cost per million calls, teacher vs specialist, and the break-even volume."""
+    from taskling.cost import CostInputs, estimate, measured_throughput
+
+    latency = None
+    if throughput is None:
+        if run is None:
+            raise TasklingError("the specialist's throughput is unknown", fix="pass --run RUN_DIR or --throughput N")
+        throughput, latency = measured_throughput(run)
+    result = estimate(
+        CostInputs(
+            teacher_input_price=teacher_input_price,
+            teacher_output_price=teacher_output_price,
+            input_tokens_per_call=input_tokens,
+            output_tokens_per_call=output_tokens,
+            calls_per_day=calls_per_day,
+            messages_per_second=throughput,
+            hardware_per_hour=hardware_per_hour,
+            maintenance_per_month=maintenance_per_month,
+            always_on=always_on,
+            latency_ms=latency,
+        )
+    )
+    table = Table(title="cost", show_header=False)
+    table.add_row("teacher, per million calls", f"${result.teacher_per_million:,.2f}")
+    table.add_row(
+        "specialist, per million calls",
+        f"${result.specialist_per_million:,.2f} compute at {throughput:,.1f} msg/s"
+        + (f", {latency:.0f} ms latency" if latency else ""),
+    )
+    table.add_row("specialist fixed, per month", f"${result.specialist_fixed_per_month:,.2f}")
+    table.add_row(
+        f"this traffic ({calls_per_day:,.0f}/day)",
+        f"teacher ${result.teacher_per_month:,.2f}/month, specialist ${result.specialist_per_month:,.2f}/month",
+    )
+    be = result.break_even_calls_per_day
+    table.add_row("break-even", "never" if be is None else f"{be:,.0f} calls/day")
+    console.print(table)
+    console.print(f"[bold]{result.verdict}[/]")
+
+
+@app.command()
+@friendly_errors
+def runs(
+    root: Annotated[Path, typer.Argument(help="Folder holding run directories.")] = Path("runs"),
+) -> None:
+    """List runs with their metrics, gold hash and gate verdict."""
+    from taskling.runs import list_runs
+
+    table = Table(title=f"runs under {root}")
+    for col in ("run", "accuracy", "macro-F1", "worst category", "gold", "baseline", "gate"):
+        table.add_column(col)
+    for r in list_runs(root):
+        table.add_row(
+            str(r.path.relative_to(root)) if r.path != root else r.name,
+            "-" if r.accuracy is None else f"{r.accuracy:.2%}",
+            "-" if r.macro_f1 is None else f"{r.macro_f1:.3f}",
+            "-" if r.worst_category is None else f"{r.worst_category} ({r.worst_category_accuracy:.0%})",
+            (r.gold_hash or "-")[:12],
+            "-" if r.baseline_accuracy is None else f"{r.baseline_accuracy:.2%}",
+            r.gate,
+        )
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def compare(
+    a: Annotated[Path, typer.Argument(help="Run A (before).")],
+    b: Annotated[Path, typer.Argument(help="Run B (after).")],
+) -> None:
+    """What changed per category from run A to run B (paired when on the same gold set)."""
+    from taskling.runs import compare as compare_runs
+
+    result = compare_runs(a, b)
+    acc_a, acc_b = result.accuracy
+    console.print(f"accuracy {acc_a:.2%} -> {acc_b:.2%} ({acc_b - acc_a:+.2%})")
+    if result.verdict is None:
+        console.print("[yellow]different gold sets: the numbers are not paired and not directly comparable[/]")
+    else:
+        _render_verdict(result.verdict)
+    table = Table(title="per category")
+    for col in ("category", "A", "B", "change"):
+        table.add_column(col)
+    ranked = sorted(result.per_category, key=lambda row: ((row[2] or 0) - (row[1] or 0), row[0]))
+    for label, x, y in ranked:
+        change = "-" if x is None or y is None else f"{y - x:+.0%}"
+        table.add_row(label, "-" if x is None else f"{x:.0%}", "-" if y is None else f"{y:.0%}", change)
+    console.print(table)

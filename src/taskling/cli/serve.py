@@ -1,0 +1,173 @@
+"""Serve and ship: serve, logs, export, predict-batch (docs/serve.md, docs/export.md, docs/scale.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from taskling.cli.common import (
+    app,
+    console,
+    err_console,
+    friendly_errors,
+)
+from taskling.errors import TasklingError
+
+
+@app.command()
+@friendly_errors
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="The run to serve (adapter name: --name).")],
+    host: Annotated[str, typer.Option(help="Bind address; beyond loopback an API key is required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    name: Annotated[str, typer.Option(help="Adapter name of RUN_DIR.")] = "default",
+    adapters_dir: Annotated[
+        Path | None, typer.Option(help="Folder of more runs on the same base; each is served by its folder name.")
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="File holding the API key (or set TASKLING_API_KEY).")
+    ] = None,
+    log_url: Annotated[
+        str | None,
+        typer.Option(help="Prediction log URL (default sqlite RUN_DIR/predictions.db; or TASKLING_LOG_URL)."),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Texts per forward pass.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long to wait to fill a batch.")] = 2.0,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting before 503.")] = 256,
+    max_texts: Annotated[int, typer.Option(help="Texts per request before 413.")] = 64,
+    max_text_chars: Annotated[int, typer.Option(help="Characters per text before 413.")] = 20_000,
+    max_body_bytes: Annotated[int, typer.Option(help="Request body bytes before 413.")] = 1_000_000,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32.")] = "auto",
+) -> None:
+    """Serve RUN_DIR over HTTP: /v1/classify, /v1/chat/completions, /healthz, /metrics."""
+    from taskling.serve import ServeSettings
+    from taskling.serve import serve as run_server
+
+    key = os.environ.get("TASKLING_API_KEY") or None
+    if api_key_file is not None:
+        key = api_key_file.read_text(encoding="utf-8").strip() or None
+    settings = ServeSettings(
+        host=host,
+        port=port,
+        name=name,
+        adapters_dir=adapters_dir,
+        api_key=key,
+        log_url=log_url or os.environ.get("TASKLING_LOG_URL") or None,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        max_texts=max_texts,
+        max_text_chars=max_text_chars,
+        max_body_bytes=max_body_bytes,
+        threads=threads,
+        dtype=dtype,
+    )
+    err_console.print(f"serving {run_dir} on http://{host}:{port} (API key {'required' if key else 'off'})")
+    run_server(run_dir, settings)
+
+
+@app.command()
+@friendly_errors
+def logs(
+    run_dir: Annotated[Path, typer.Argument(help="The served run (its predictions.db).")],
+    url: Annotated[str | None, typer.Option(help="Prediction log URL instead (or TASKLING_LOG_URL).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the latest N rows.")] = None,
+    label: Annotated[str | None, typer.Option(help="Only this predicted label.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Only this adapter.")] = None,
+    max_probability: Annotated[
+        float | None, typer.Option(help="Only answers at most this confident (relabel the uncertain).")
+    ] = None,
+    export: Annotated[Path | None, typer.Option(help="Write JSONL (text, label, ...) for relabeling.")] = None,
+) -> None:
+    """Read the prediction log back, or export it as JSONL for relabeling."""
+    from taskling.predlog import count_rows, default_url, export_jsonl, read_rows
+
+    url = url or os.environ.get("TASKLING_LOG_URL") or default_url(run_dir)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        raise TasklingError(
+            f"no prediction log at {url[len('sqlite:///') :]}", fix="serve the run first: taskling serve RUN_DIR"
+        )
+    rows = read_rows(url, limit=limit, label=label, adapter=adapter, max_probability=max_probability, newest=True)
+    if export is not None:
+        n = export_jsonl(rows, export)
+        console.print(f"wrote {n} rows to {export}")
+        return
+    import datetime as dt
+
+    table = Table(title=f"prediction log ({count_rows(url)} rows in all)")
+    for col in ("time (UTC)", "adapter", "label", "p", "ms", "text"):
+        table.add_column(col)
+    for row in rows:
+        when = dt.datetime.fromtimestamp(row["time"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        text = row["text"] if len(row["text"]) <= 80 else row["text"][:77] + "..."
+        table.add_row(when, row["adapter"], row["label"], f"{row['probability']:.2f}", f"{row['latency_ms']:.1f}", text)
+    console.print(table)
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
+    to: Annotated[str, typer.Option("--to", help="merged | gguf | ollama | vllm")],
+    out: Annotated[Path | None, typer.Option("--out", help="Export directory (default RUN_DIR/exports/...).")] = None,
+    quant: Annotated[str, typer.Option("--quant", help="GGUF weights for gguf/ollama: f16 | q8_0.")] = "f16",
+    dtype: Annotated[str, typer.Option("--dtype", help="Saved weights for merged: float32 | bfloat16.")] = "float32",
+) -> None:
+    """Export a run: merged safetensors, GGUF, an Ollama Modelfile, or a vLLM LoRA launch line."""
+    from taskling.export import export
+
+    with console.status(f"exporting {run_dir} to {to} (writing, then checking the result)"):
+        result = export(run_dir, to, out, quant=quant, dtype=dtype)
+    table = Table(title=f"export: {to}", show_header=False)
+    table.add_row("directory", str(result.out_dir))
+    for name in sorted(result.files):
+        size = (result.out_dir / name).stat().st_size
+        table.add_row(name, f"{size / 1e6:.1f} MB  sha256 {result.files[name][:12]}")
+    gguf_checks = result.checks.get("gguf", {})
+    if "logits_max_relative_diff" in gguf_checks:
+        table.add_row("GGUF round trip", f"logits within {gguf_checks['logits_max_relative_diff']:.2e} (relative)")
+    labels = result.checks.get("labels") or gguf_checks.get("labels")
+    if labels:
+        table.add_row("labels agree with the run", f"{labels['agree']}/{labels['texts']}")
+    console.print(table)
+    if to == "ollama":
+        console.print(f"next: cd {result.out_dir} && ollama create NAME -f Modelfile")
+    elif to == "vllm":
+        console.print(f"next: bash {result.out_dir / 'launch.sh'}")
+
+
+@app.command("predict-batch")
+@friendly_errors
+def predict_batch_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
+    input_path: Annotated[Path, typer.Argument(help="Input table: .parquet, .jsonl or .csv.")],
+    out: Annotated[Path, typer.Option("--out", help="Output table: .parquet, .jsonl or .csv.")],
+    engine: Annotated[str, typer.Option(help="local (one process) or ray (Ray Data; RAY_ADDRESS for a cluster).")] = (
+        "local"
+    ),
+    text_field: Annotated[str, typer.Option(help="The column holding the messages.")] = "text",
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="Ray workers (default: the cluster's spare CPUs).")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads per classifier.")] = 1,
+) -> None:
+    """Classify every row of a Parquet/JSONL/CSV file: input columns + label, probability, margin, probabilities."""
+    from taskling.batch import predict_batch
+
+    result = predict_batch(
+        run_dir,
+        input_path,
+        out,
+        engine=engine,
+        text_field=text_field,
+        batch_size=batch_size,
+        workers=workers,
+        threads=threads,
+    )
+    console.print(
+        f"wrote {result.rows} rows to {result.output_path} ({result.rows_per_second:.1f} rows/s, {result.engine})"
+    )
