@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from taskling.data import load_file, write_jsonl, write_text_atomic
 from taskling.errors import DataError, RunError
-from taskling.train import _save_adapter, collate, head_logits
+from taskling.train import _save_adapter, answer_logits, collate
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +127,8 @@ def build_pairs(
 
 def sequence_logps(base_model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of answer-token log-probabilities per row (labels -100 elsewhere)."""
-    hidden = base_model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    logits = head_logits(base_model, hidden[:, :-1][keep])
-    token_lp = torch.log_softmax(logits, dim=-1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
+    logits, targets, keep = answer_logits(base_model, batch)
+    token_lp = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
     rows = keep.nonzero()[:, 0]
     return torch.zeros(keep.shape[0], device=token_lp.device, dtype=token_lp.dtype).index_add(0, rows, token_lp)
 

@@ -151,8 +151,8 @@ def head_logits(base_model: Any, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def answer_loss(base_model: Any, batch: dict[str, torch.Tensor], reduction: str = "mean") -> tuple[torch.Tensor, int]:
-    """Cross-entropy over answer tokens (mean or sum) and their count.
+def answer_logits(base_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the answer positions only, their target tokens, and the (row, position) mask that chose them.
 
     The LM head runs only at answer positions: the full-vocabulary head at every position
     is most of a small model's activation memory, and the answer is a handful of tokens.
@@ -162,8 +162,13 @@ def answer_loss(base_model: Any, batch: dict[str, torch.Tensor], reduction: str 
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100
-    logits = head_logits(base_model, hidden[:, :-1][keep])
-    return F.cross_entropy(logits, targets[keep], reduction=reduction), int(keep.sum())
+    return head_logits(base_model, hidden[:, :-1][keep]), targets[keep], keep
+
+
+def answer_loss(base_model: Any, batch: dict[str, torch.Tensor], reduction: str = "mean") -> tuple[torch.Tensor, int]:
+    """Cross-entropy over answer tokens (mean or sum) and their count."""
+    logits, targets, keep = answer_logits(base_model, batch)
+    return F.cross_entropy(logits, targets, reduction=reduction), int(keep.sum())
 
 
 class AnswerLoss(torch.nn.Module):
