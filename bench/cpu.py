@@ -179,21 +179,24 @@ def levers(run: Path, texts: list[str], repeats: int, with_compile: bool) -> Non
         )
         console.print(f"  {name}: p50 {r['p50']:.1f} ms, {r['mps']:.1f} msg/s")
 
-    for dtype in ("bfloat16", "float32"):
+    # Levers vary one thing from the default: the dtype `auto` picks on this CPU (bf16 only with native support).
+    base = str(pick_dtype("auto")).removeprefix("torch.")
+    for dtype in (base, "float32" if base == "bfloat16" else "bfloat16"):
         add(f"{dtype}, sdpa, prefix cache, batch 32", measure_classifier(classifier(run, dtype), texts, repeats))
-    add("bfloat16, eager attention", measure_classifier(classifier(run, "bfloat16", "eager"), texts, repeats))
-    add("bfloat16, no prefix cache", measure_classifier(classifier(run, "bfloat16", prefix=False), texts, repeats))
-    clf = classifier(run, "bfloat16")
+    add(f"{base}, eager attention", measure_classifier(classifier(run, base, "eager"), texts, repeats))
+    add(f"{base}, no prefix cache", measure_classifier(classifier(run, base, prefix=False), texts, repeats))
+    clf = classifier(run, base)
     threads = torch.get_num_threads()
     for n in sorted({1, 2} - {threads}):
         torch.set_num_threads(n)
-        add(f"bfloat16, {n} torch thread(s)", measure_classifier(clf, texts, repeats))
+        add(f"{base}, {n} torch thread(s)", measure_classifier(clf, texts, repeats))
     torch.set_num_threads(threads)
     for batch in (8, 16, 64):
-        add(f"bfloat16, batch {batch}", measure_classifier(clf, texts, max(repeats // 3, 5), batch=batch))
+        add(f"{base}, batch {batch}", measure_classifier(clf, texts, max(repeats // 3, 5), batch=batch))
     if with_compile:
         clf._decoder = torch.compile(clf._decoder, dynamic=True)
-        add("bfloat16, torch.compile(dynamic)", measure_classifier(clf, texts, repeats))
+        add(f"{base}, torch.compile(dynamic)", measure_classifier(clf, texts, repeats))
+    table.caption = f"CPU capability {torch.backends.cpu.get_cpu_capability()}; default dtype here: {base}"
     console.print(table)
 
 
