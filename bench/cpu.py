@@ -1,7 +1,7 @@
 """CPU benchmark: training tokens/s, classify latency and throughput, and the stock generate path.
 
     python bench/cpu.py                  # runs/demo if trained, else a short training run first
-    python bench/cpu.py --levers         # also: dtype, attention kernel, prefix cache, batch size, compile
+    python bench/cpu.py --levers         # also: dtype, attention kernel, prefix cache, batch size, int8, compile
     python bench/cpu.py --run RUN_DIR --threads 2 --repeats 50
 
 Everything runs on the bundled SmolLM2-135M with `torch.set_num_threads(--threads)`, after
@@ -193,6 +193,12 @@ def levers(run: Path, texts: list[str], repeats: int, with_compile: bool) -> Non
     torch.set_num_threads(threads)
     for batch in (8, 16, 64):
         add(f"{base}, batch {batch}", measure_classifier(clf, texts, max(repeats // 3, 5), batch=batch))
+    if base == "float32":  # opt-in int8 changes probabilities: also say how often the label changes
+        int8 = Classifier.from_run(run, device="cpu", quantize="int8")
+        add("int8 dynamic (opt-in --quantize int8)", measure_classifier(int8, texts, repeats))
+        same = sum(a.label == b.label for a, b in zip(clf.predict(texts), int8.predict(texts), strict=True))
+        console.print(f"  int8 agrees with float32 on {same}/{len(texts)} labels (taskling eval --quantize int8)")
+        del int8
     if with_compile:
         clf._decoder = torch.compile(clf._decoder, dynamic=True)
         add(f"{base}, torch.compile(dynamic)", measure_classifier(clf, texts, repeats))

@@ -170,3 +170,59 @@ def test_label_trie_paths() -> None:
     assert trie.inputs == [(1, -1, 1)]
     assert trie.branches == [(-1, [1, 4]), (0, [2, 3])]
     assert trie.paths == [[(0, 0), (1, 0)], [(0, 0), (1, 1)], [(0, 1)]]
+
+
+# ---------------------------------------------------------------- opt-in int8 (CPU)
+
+
+def test_int8_classifier_quantizes_the_decoder_but_not_the_mlp_output(trained_run: Path, clf: Classifier) -> None:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    q = Classifier.from_run(trained_run, device="cpu", quantize="int8")
+    kinds = {name: type(m) for name, m in q.model.get_decoder().named_modules()}
+    assert any(kind is DynamicInt8Linear for kind in kinds.values())
+    assert all(kind is torch.nn.Linear for name, kind in kinds.items() if name.endswith("down_proj"))
+    assert all(kind is DynamicInt8Linear for name, kind in kinds.items() if name.endswith(("q_proj", "up_proj")))
+    assert q.version == clf.version + "+int8"  # logged predictions say which classifier answered
+
+    fp32, int8 = clf.predict(TEXTS + ADVERSARIAL), q.predict(TEXTS + ADVERSARIAL)
+    for a, b in zip(fp32, int8, strict=True):
+        assert b.label in clf.task.labels
+        assert math.isclose(sum(b.probabilities.values()), 1.0, abs_tol=1e-5)
+        # Approximate, not a different model: the label distribution moves a little.
+        assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) < 0.1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"quantize": "int4"}, "unknown quantize mode"),
+        ({"quantize": "int8", "dtype": "bfloat16"}, "starts from float32"),
+        ({"quantize": "int8", "merge": False}, "merged"),
+        ({"quantize": "int8", "device": "cuda"}, "CPU only"),
+    ],
+)
+def test_int8_refuses_what_it_cannot_do(trained_run: Path, kwargs: dict[str, Any], message: str) -> None:
+    from taskling.errors import RunError
+
+    kwargs = {"device": "cpu", **kwargs}
+    with pytest.raises(RunError, match=message):
+        Classifier.from_run(trained_run, **kwargs)
+
+
+def test_eval_quantize_writes_beside_the_run_not_over_it(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from taskling.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    gold = next((run / "data").glob("validation.jsonl"))
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(gold), "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    assert (run / "int8" / "metrics.json").is_file() and (run / "int8" / "predictions.jsonl").is_file()
+    assert not (run / "metrics.json").exists()
+    result = CliRunner().invoke(app, ["classify", str(run), "hello", "--quantize", "int3"])
+    assert result.exit_code == 2 and "unknown quantize mode" in result.output

@@ -33,7 +33,7 @@ from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -70,6 +70,7 @@ class ServeSettings(BaseModel):
     retry_after_s: int = Field(1, ge=1)
     threads: int | None = Field(None, ge=1)
     dtype: str = "auto"
+    quantize: Literal["int8"] | None = None  # dynamic int8 on the CPU (predict.quantize_int8)
 
 
 def is_loopback(host: str) -> bool:
@@ -491,7 +492,13 @@ def build_engine(run_dir: str | Path, settings: ServeSettings) -> Engine:
     """Load every adapter on one base and open the prediction log."""
     check_exposure(settings)
     runs = discover_runs(Path(run_dir), settings)
-    classifiers = load_adapters(dict(runs), dtype=settings.dtype, threads=settings.threads)
+    classifiers = load_adapters(
+        dict(runs),
+        dtype=settings.dtype,
+        threads=settings.threads,
+        quantize=settings.quantize,
+        device="cpu" if settings.quantize else None,
+    )
     url = settings.log_url or default_url(run_dir)
     plog = PredictionLog(url)
     log.info("serving %s; logging predictions to %s", ", ".join(classifiers), redact(url))

@@ -43,6 +43,9 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="Request body bytes before 413.")] = 1_000_000,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32.")] = "auto",
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: dynamic int8 on the CPU (gate it first: taskling eval --quantize).")
+    ] = None,
 ) -> None:
     """Serve RUN_DIR over HTTP: /v1/classify, /v1/chat/completions, /healthz, /metrics."""
     from taskling.serve import ServeSettings
@@ -66,6 +69,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         threads=threads,
         dtype=dtype,
+        quantize=quantize,
     )
     err_console.print(f"serving {run_dir} on http://{host}:{port} (API key {'required' if key else 'off'})")
     run_server(run_dir, settings)

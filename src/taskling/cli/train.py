@@ -42,11 +42,19 @@ def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
     data: Annotated[Path, typer.Option("--data", help="Gold JSONL/CSV to score on.")],
     batch_size: Annotated[int, typer.Option(help="Messages per forward pass.")] = 32,
+    out: Annotated[Path | None, typer.Option("--out", help="Where metrics go (default: RUN_DIR).")] = None,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: score the int8 CPU classifier (default --out RUN_DIR/int8).")
+    ] = None,
 ) -> None:
     """Score a run on a gold file: writes metrics.json and predictions.jsonl."""
     from taskling.evaluate import evaluate
+    from taskling.predict import Classifier
 
-    result = evaluate(run_dir, data, batch_size=batch_size)
+    clf = Classifier.from_run(run_dir, quantize=quantize, device="cpu" if quantize else None)
+    # A quantized classifier's scores never overwrite the run's own: gate one against the other.
+    out = out or (run_dir / quantize if quantize else None)
+    result = evaluate(run_dir, data, out_dir=out, batch_size=batch_size, classifier=clf)
     render_metrics(result.metrics)
     console.print(f"wrote {result.metrics_path} and {result.predictions_path}")
 
@@ -59,6 +67,7 @@ def classify(
     file: Annotated[Path | None, typer.Option("--file", "-f", help="One message a line ('-' for stdin).")] = None,
     top: Annotated[int, typer.Option(help="Show this many labels with probabilities.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 on the CPU (faster, measure it).")] = None,
 ) -> None:
     """Classify messages: the answer is always one label of the set, with probabilities."""
     import json
@@ -71,7 +80,7 @@ def classify(
         items += [line.rstrip("\n") for line in stream if line.strip()]
     if not items:
         raise TasklingError("nothing to classify", fix="give messages as arguments or --file messages.txt")
-    clf = Classifier.from_run(run_dir)
+    clf = Classifier.from_run(run_dir, quantize=quantize, device="cpu" if quantize else None)
     for pred in clf.predict(items):
         ranked = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[:top]
         if as_json:
