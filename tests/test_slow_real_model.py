@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from taskling.config import build_config
+from taskling.config import ProjectConfig, build_config
 from taskling.data import load_file
 from taskling.model import ChatFormat, load_model, load_tokenizer, resolve_base
 from taskling.predict import Classifier
@@ -31,6 +32,29 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return folder / "train.jsonl", folder / "val.jsonl"
 
 
+def six_step_config(base: str, task: dict[str, Any], data: tuple[Path, Path], run_dir: Path) -> ProjectConfig:
+    """Six LoRA steps on the four-intent subset, validated every three."""
+    train_file, val_file = data
+    return build_config(
+        {
+            "task": {"labels": LABELS, **task},
+            "data": {"train": [str(train_file)], "validation": [str(val_file)]},
+            "model": {"base": base, "max_length": 96},
+            "train": {"max_steps": 6, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 3, "seed": 0},
+            "run_dir": str(run_dir),
+        }
+    )
+
+
+def untrained_validation_loss(config: ProjectConfig, val_file: Path, dtype: torch.dtype) -> float:
+    """The base model's own validation loss: where training starts from."""
+    path = resolve_base(config.model.base)
+    fmt = ChatFormat(load_tokenizer(path), config.task, config.model.max_length)
+    base = load_model(path, dtype)
+    val_rows = tokenize(load_file(val_file, config.task).examples, fmt)
+    return validation_loss(base, val_rows, 16, fmt.tokenizer.pad_token_id, "cpu")
+
+
 def test_bundled_model_loads_with_its_chat_template() -> None:
     path = resolve_base("bundled:smollm2-135m")
     assert (Path(path) / "model.safetensors").is_file()
@@ -43,24 +67,8 @@ def test_bundled_model_loads_with_its_chat_template() -> None:
 
 
 def test_lora_training_lowers_the_loss_and_classifies_in_set(data: tuple[Path, Path], tmp_path: Path) -> None:
-    train_file, val_file = data
-    config = build_config(
-        {
-            "task": {"name": "real4", "labels": LABELS},
-            "data": {"train": [str(train_file)], "validation": [str(val_file)]},
-            "model": {"base": "bundled:smollm2-135m", "max_length": 96},
-            "train": {"max_steps": 6, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 3, "seed": 0},
-            "run_dir": str(tmp_path / "run"),
-        }
-    )
-    # The validation loss of the untouched base model is the starting point.
-    path = resolve_base(config.model.base)
-    tokenizer = load_tokenizer(path)
-    fmt = ChatFormat(tokenizer, config.task, config.model.max_length)
-    base = load_model(path, torch.bfloat16)
-    val_rows = tokenize(load_file(val_file, config.task).examples, fmt)
-    before = validation_loss(base, val_rows, 16, tokenizer.pad_token_id, "cpu")
-    del base
+    config = six_step_config("bundled:smollm2-135m", {"name": "real4"}, data, tmp_path / "run")
+    before = untrained_validation_loss(config, data[1], torch.bfloat16)
 
     result = train(config)
     assert result.steps == 6 and result.best_val_loss is not None
@@ -77,26 +85,14 @@ def test_lora_training_lowers_the_loss_and_classifies_in_set(data: tuple[Path, P
 
 def test_bundled_gemma3_gets_gemmas_chat_template_and_trains(data: tuple[Path, Path], tmp_path: Path) -> None:
     """Gemma 3 270M's GGUF carries no chat template: taskling supplies Gemma's, in training and inference."""
-    train_file, val_file = data
-    config = build_config(
-        {
-            "task": {"name": "gemma4", "labels": LABELS, "instruction": "Name the intent."},
-            "data": {"train": [str(train_file)], "validation": [str(val_file)]},
-            "model": {"base": "bundled:gemma3-270m", "max_length": 96},
-            "train": {"max_steps": 6, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 3, "seed": 0},
-            "run_dir": str(tmp_path / "run"),
-        }
-    )
-    path = resolve_base(config.model.base)
-    tokenizer = load_tokenizer(path)
+    task = {"name": "gemma4", "instruction": "Name the intent."}
+    config = six_step_config("bundled:gemma3-270m", task, data, tmp_path / "run")
+    tokenizer = load_tokenizer(resolve_base(config.model.base))
     fmt = ChatFormat(tokenizer, config.task, config.model.max_length)
     assert tokenizer.decode(fmt.label_sequences[2]).startswith("weather<end_of_turn>")
     prompt = tokenizer.decode(fmt.prompt_ids("is it raining"))
     assert prompt == "<bos><start_of_turn>user\nName the intent.\n\nis it raining<end_of_turn>\n<start_of_turn>model\n"
-    base = load_model(path, torch.float32)
-    val_rows = tokenize(load_file(val_file, config.task).examples, fmt)
-    before = validation_loss(base, val_rows, 16, tokenizer.pad_token_id, "cpu")
-    del base
+    before = untrained_validation_loss(config, data[1], torch.float32)
 
     result = train(config)
     assert result.best_val_loss is not None and result.best_val_loss < before * 0.5, (before, result.best_val_loss)
