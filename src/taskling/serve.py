@@ -497,7 +497,6 @@ def build_engine(run_dir: str | Path, settings: ServeSettings) -> Engine:
         dtype=settings.dtype,
         threads=settings.threads,
         quantize=settings.quantize,
-        device="cpu" if settings.quantize else None,
     )
     url = settings.log_url or default_url(run_dir)
     plog = PredictionLog(url)

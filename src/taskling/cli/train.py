@@ -51,7 +51,7 @@ def eval_cmd(
     from taskling.evaluate import evaluate
     from taskling.predict import Classifier
 
-    clf = Classifier.from_run(run_dir, quantize=quantize, device="cpu" if quantize else None)
+    clf = Classifier.from_run(run_dir, quantize=quantize)
     # A quantized classifier's scores never overwrite the run's own: gate one against the other.
     out = out or (run_dir / quantize if quantize else None)
     result = evaluate(run_dir, data, out_dir=out, batch_size=batch_size, classifier=clf)
@@ -80,7 +80,7 @@ def classify(
         items += [line.rstrip("\n") for line in stream if line.strip()]
     if not items:
         raise TasklingError("nothing to classify", fix="give messages as arguments or --file messages.txt")
-    clf = Classifier.from_run(run_dir, quantize=quantize, device="cpu" if quantize else None)
+    clf = Classifier.from_run(run_dir, quantize=quantize)
     for pred in clf.predict(items):
         ranked = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[:top]
         if as_json:
