@@ -26,7 +26,7 @@ from rich.table import Table
 from tinyrun import tiny_run
 
 from adversarial_inputs import adversarial_messages
-from taskling.predict import Classifier
+from taskling.serve.classifier import Classifier
 
 
 def main() -> None:

@@ -27,10 +27,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from noisy_logs import load_pairs, make_noisy_logs
-from taskling.clean import CleanConfig, _fit_predict, normalize
-from taskling.data import load_file
-from taskling.distill import DistillConfig, distill, read_logs
-from taskling.split import SplitConfig, _freeze_gold
+from taskling.data.clean import CleanConfig, _fit_predict, normalize
+from taskling.data.distill import DistillConfig, distill, read_logs
+from taskling.data.load import load_file
+from taskling.data.split import SplitConfig, _freeze_gold
 from taskling.task import Task
 
 
@@ -122,7 +122,7 @@ def main() -> None:
     }
     vectors: dict[str, Any] = {}
     if args.minilm:
-        from taskling.embed import embed
+        from taskling.model.embed import embed
 
         texts = sorted({t for rows in sets.values() for t, _ in rows} | {t for t, _ in golden})
         vectors = dict(zip(texts, embed(texts), strict=True))

@@ -23,16 +23,16 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as taskling.predict does; see there why
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as taskling.serve.classifier does; see there why
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from taskling.config import build_config
-from taskling.demo import INSTRUCTION, find_clinc, pick_intents
-from taskling.model import load_model, pick_dtype
-from taskling.predict import Classifier, base_path, read_manifest, run_format
+from taskling.data.demo import INSTRUCTION, find_clinc, pick_intents
+from taskling.model.loader import load_model, pick_dtype
+from taskling.serve.classifier import Classifier, base_path, read_manifest, run_format
 
 MESSAGE = (
     "hey so I was looking at my checking account this morning and I want to know what the current "
@@ -73,7 +73,7 @@ def find_or_train_run(explicit: str | None) -> tuple[Path, float | None]:
             return run, rate
     if explicit:
         raise SystemExit(f"{explicit} is not a finished run")
-    from taskling.train import train
+    from taskling.train.sft import train
 
     console.print("[yellow]no trained run found: training a short adapter into runs/bench-cpu[/]")
     clinc = find_clinc()

@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from noisy_logs import EDITS, exact_variant
-from taskling.clean import CleanConfig, duplicate_clusters, find_label_issues, normalize
-from taskling.data import Example
+from taskling.data.clean import CleanConfig, duplicate_clusters, find_label_issues, normalize
+from taskling.data.load import Example
 
 
 def build_rows(data: Path, n: int, seed: int) -> tuple[list[Example], set[int], list[str]]:

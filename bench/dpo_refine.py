@@ -38,7 +38,7 @@ def clinc_gold(labels: list[str], per_label: int, out: Path) -> Path:
 def main(argv: list[str]) -> None:
     import logging
 
-    from taskling.dpo import build_pairs, compare, dpo
+    from taskling.train.dpo import build_pairs, compare, dpo
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sft_run", type=Path)

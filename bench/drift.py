@@ -12,7 +12,7 @@ printed comes from that stand-in, never from a LoRA run. Embeddings are cached u
    training label mix. Phase 2 shifts: the growing intent takes 30% of traffic, 40% of
    messages arrive in a new phrasing (SMS style: "pls", "u", dropped vowels), and 10% are
    out-of-scope queries from oos.jsonl. The monitor runs on sliding windows of --window
-   requests (step 50) over the prediction log (SQLite, via `taskling.monitor.monitor`).
+   requests (step 50) over the prediction log (SQLite, via `taskling.monitor.drift.monitor`).
 2. One loop: `sample` 300 rows from the first 1,000 shifted requests (active learning,
    gold excluded) -> oracle relabel (CLINC's labels; out-of-scope rows are skipped) ->
    new training version through the cleaning path -> retrain -> gate vs production on
@@ -41,13 +41,14 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from taskling.abstain import AbstainingClassifier, calibrate_threshold, oos_report
-from taskling.data import Example, stratified_split, write_examples, write_jsonl
-from taskling.gold import add_gold, load_version, score_on_gold
-from taskling.loop import SampleConfig, new_training_version, read_registry, retrain, sample_rows
-from taskling.monitor import MonitorConfig, calibrate, load_reference, monitor
-from taskling.predict import Prediction
-from taskling.predlog import LogRow, PredictionLog, default_url
+from taskling.data.gold import add_gold, load_version, score_on_gold
+from taskling.data.load import Example, stratified_split, write_examples
+from taskling.io import write_jsonl
+from taskling.monitor.drift import MonitorConfig, calibrate, load_reference, monitor
+from taskling.monitor.retrain import SampleConfig, new_training_version, read_registry, retrain, sample_rows
+from taskling.serve.abstain import AbstainingClassifier, calibrate_threshold, oos_report
+from taskling.serve.classifier import Prediction
+from taskling.serve.predlog import LogRow, PredictionLog, default_url
 
 CACHE = Path(os.environ.get("TASKLING_CACHE", Path.home() / ".cache" / "taskling")) / "bench-drift"
 
@@ -64,7 +65,7 @@ class Embeddings:
         self.computed = 0
 
     def __call__(self, texts: list[str] | Any) -> np.ndarray:
-        from taskling.embed import embed
+        from taskling.model.embed import embed
 
         missing = sorted({t for t in texts if t not in self.vectors})
         if missing:

@@ -22,7 +22,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from taskling.export import export
+    from taskling.export.exporter import export
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)

@@ -133,9 +133,9 @@ def build(out: Path, per_intent: int = 40, test_per_intent: int = 10, seed: int 
 def run(out: Path, model: str, steps: int, limit: int, per_intent: int, overrides: list[str]) -> None:
     import logging
 
-    from taskling.extract_eval import evaluate_extraction
-    from taskling.extract_train import train_extraction
-    from taskling.schema import load_extraction_config
+    from taskling.evaluate.extraction import evaluate_extraction
+    from taskling.extract.schema import load_extraction_config
+    from taskling.train.extraction import train_extraction
 
     logging.basicConfig(level=logging.INFO)
     paths = build(out, per_intent=per_intent)

@@ -10,9 +10,9 @@ prompt + a 4-token label.
     python bench/gpu.py --smoke              # tiny shapes on the CPU: checks the script runs
 
 Columns: training tokens/s and peak memory for stock (full-vocabulary logits at every
-position, `model(labels=...)`) and taskling (`taskling.train.answer_loss`: LM head at
+position, `model(labels=...)`) and taskling (`taskling.train.sft.answer_loss`: LM head at
 answer positions only); classification latency for one message and for 64 messages with
-stock `generate` (greedy, 4 new tokens) and with `taskling.predict.Classifier` (label trie,
+stock `generate` (greedy, 4 new tokens) and with `taskling.serve.classifier.Classifier` (label trie,
 one forward pass, LM-head rows of the allowed tokens only).
 """
 
@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from taskling.predict import Classifier
+from taskling.serve.classifier import Classifier
 from taskling.task import Task
-from taskling.train import answer_loss
+from taskling.train.sft import answer_loss
 
 SHAPES: dict[str, dict[str, Any]] = {
     "gemma3-270m": dict(

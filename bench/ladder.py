@@ -57,10 +57,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from taskling.cli import _setup_logging, render_ladder
-    from taskling.demo import prepare_demo
-    from taskling.evaluate import evaluate
-    from taskling.ladder import Bar, run_ladder
-    from taskling.report import write_report
+    from taskling.data.demo import prepare_demo
+    from taskling.evaluate.ladder import Bar, run_ladder
+    from taskling.evaluate.metrics import evaluate
+    from taskling.evaluate.report import write_report
 
     _setup_logging(verbose=True)
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)

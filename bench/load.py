@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 from tinyrun import tiny_run
 
-from taskling.predlog import count_rows
+from taskling.serve.predlog import count_rows
 
 HOST = "127.0.0.1"
 TEXTS = [

@@ -38,7 +38,7 @@ def tiny_run(workdir: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import FIXTURES, build_tiny_model, clinc8_labels
     from taskling.config import build_config
-    from taskling.train import train
+    from taskling.train.sft import train
 
     model_dir = build_tiny_model(workdir / "tiny-llama")
     config = build_config(
@@ -61,7 +61,7 @@ def free_port() -> int:
 
 
 def messages(n: int) -> list[str]:
-    from taskling.demo import find_clinc
+    from taskling.data.demo import find_clinc
 
     rows = [json.loads(line)["text"] for line in (find_clinc() / "test.jsonl").read_text().splitlines()]
     return [rows[i % len(rows)] for i in range(n)]

@@ -25,7 +25,7 @@ def tiny_run(root: str | Path = "/tmp/taskling-bench") -> Path:
     sys.path.insert(0, str(TESTS))
     from conftest import FIXTURES, build_tiny_model, clinc8_labels  # type: ignore[import-not-found]
     from taskling.config import build_config
-    from taskling.train import train
+    from taskling.train.sft import train
 
     model = build_tiny_model(root / "tiny-llama")
     config = build_config(

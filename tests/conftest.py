@@ -100,7 +100,7 @@ def tiny_config(tiny_model_dir: Path, tmp_path: Path, labels: list[str]) -> dict
 def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, labels: list[str]) -> Path:
     """One tiny run trained once per session, for tests that only need a finished run."""
     from taskling.config import build_config
-    from taskling.train import train
+    from taskling.train.sft import train
 
     run = tmp_path_factory.mktemp("trained") / "run"
     config = build_config(

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskling.clean import CleanConfig, duplicate_clusters, jaccard, normalize, shingles
-from taskling.data import Example
-from taskling.split import find_leaks
+from taskling.data.clean import CleanConfig, duplicate_clusters, jaccard, normalize, shingles
+from taskling.data.load import Example
+from taskling.data.split import find_leaks
 
 INVENTED = ("other", "book_hotel", "account_balance_inquiry")
 EDITS = (

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from taskling.bar import (
+from taskling.cli import app
+from taskling.errors import TasklingError
+from taskling.evaluate.gate import (
     GoldChangedError,
     Scored,
     bootstrap_interval,
@@ -20,8 +22,6 @@ from taskling.bar import (
     mcnemar,
     pin_baseline,
 )
-from taskling.cli import app
-from taskling.errors import TasklingError
 
 LABELS = ["balance", "transfer", "card_lost", "pin_change", "rare_fraud"]
 

@@ -9,9 +9,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from taskling.batch import RESULT_COLUMNS, predict_batch, read_table
 from taskling.errors import DataError, TasklingError
-from taskling.predict import Classifier
+from taskling.serve.batch import RESULT_COLUMNS, predict_batch, read_table
+from taskling.serve.classifier import Classifier
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -12,14 +12,14 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from noisy_logs import load_pairs, make_noisy_logs
-from taskling.clean import CleanConfig, category_status, clean_examples, duplicate_clusters, normalize
 from taskling.config import build_config
-from taskling.data import Example, load_file
-from taskling.distill import DistillConfig, distill, parse_log_row, read_logs
+from taskling.data.clean import CleanConfig, category_status, clean_examples, duplicate_clusters, normalize
+from taskling.data.distill import DistillConfig, distill, parse_log_row, read_logs
+from taskling.data.load import Example, load_file
+from taskling.data.split import MANIFEST, SplitConfig, _freeze_gold, assert_no_leakage, find_leaks, split_dataset
 from taskling.errors import DataError
-from taskling.split import MANIFEST, SplitConfig, _freeze_gold, assert_no_leakage, find_leaks, split_dataset
 from taskling.task import Task
-from taskling.train import prepare_data
+from taskling.train.sft import prepare_data
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NO_MODEL = CleanConfig(label_errors=False)
@@ -256,7 +256,7 @@ def test_training_refuses_gold_rows(tmp_path: Path, labels: list[str]) -> None:
 def test_minilm_embeddings_and_semantic_near_duplicates() -> None:
     import numpy as np
 
-    from taskling.embed import embed
+    from taskling.model.embed import embed
 
     vectors = embed(["what's my account balance", "how much money do i have", "set a timer for 5 minutes"])
     assert vectors.shape == (3, 384)

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from taskling.cli import app
-from taskling.cost import DAYS_PER_MONTH, CostInputs, estimate
+from taskling.evaluate.cost import DAYS_PER_MONTH, CostInputs, estimate
 
 
 def inputs(**overrides: float | bool) -> CostInputs:

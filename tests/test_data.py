@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from taskling.data import content_hash, load_file, stratified_split
+from taskling.data.load import content_hash, load_file, stratified_split
 from taskling.errors import DataError
 from taskling.task import Task
 

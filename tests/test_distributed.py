@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from taskling.config import build_config
-from taskling.train import train
+from taskling.train.sft import train
 
 pytestmark = pytest.mark.slow
 

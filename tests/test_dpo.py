@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from taskling.dpo import build_pairs, compare, dpo, dpo_loss
 from taskling.errors import DataError
+from taskling.train.dpo import build_pairs, compare, dpo, dpo_loss
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -35,7 +35,7 @@ def sft_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_pairs_come_from_mistakes_and_teacher_disagreements(sft_run: Path, tmp_path: Path, labels: list[str]) -> None:
-    from taskling.predict import Classifier
+    from taskling.serve.classifier import Classifier
 
     train_rows = [json.loads(x) for x in (sft_run / "data" / "train.jsonl").read_text().splitlines()][:24]
     data = tmp_path / "rows.jsonl"
@@ -59,7 +59,7 @@ def test_pairs_come_from_mistakes_and_teacher_disagreements(sft_run: Path, tmp_p
 
 
 def test_dpo_refines_into_a_new_run_and_reports_per_category(sft_run: Path, tmp_path: Path) -> None:
-    from taskling.predict import Classifier
+    from taskling.serve.classifier import Classifier
 
     pairs_path, counts = build_pairs(sft_run, tmp_path / "pairs.jsonl", margin_below=1.01, limit=24)
     assert counts["pairs"] == 24  # every row: a mistake, or a right answer paired with its runner-up

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from taskling.evaluate import OUTSIDE, score
+from taskling.evaluate.metrics import OUTSIDE, score
 
 
 def test_metrics_match_hand_computation() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from taskling.export import (
+from taskling.export.exporter import (
     ExportError,
     ExportResult,
     export,
@@ -64,8 +64,8 @@ def test_manifest_hashes_every_file(exports: dict[str, ExportResult], trained_ru
 
 
 def test_merged_predicts_what_the_run_predicts(exports: dict[str, ExportResult], trained_run: Path) -> None:
-    from taskling.model import ChatFormat, load_model, load_tokenizer
-    from taskling.predict import Classifier
+    from taskling.model.loader import ChatFormat, load_model, load_tokenizer
+    from taskling.serve.classifier import Classifier
 
     out = exports["merged"].out_dir
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
@@ -142,7 +142,7 @@ def test_q8_0_is_smaller_than_f16(exports: dict[str, ExportResult]) -> None:
 def test_gguf_check_catches_a_missing_qk_permutation(
     trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import taskling.export_gguf as export_gguf
+    import taskling.export.gguf as export_gguf
 
     monkeypatch.setattr(export_gguf, "permute", lambda weights, n_head, n_head_kv=None: weights)
     with pytest.raises(ExportError, match=r"q_proj.*differs from the merged model"):
@@ -154,7 +154,7 @@ def test_gguf_check_catches_a_missing_qk_permutation(
 def test_gguf_refuses_other_architectures() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from taskling.export_gguf import check_supported
+    from taskling.export.gguf import check_supported
 
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
     with pytest.raises(ExportError, match="supports llama-architecture") as err:
@@ -235,7 +235,7 @@ def test_export_replaces_an_old_export_but_nothing_else(trained_run: Path, tmp_p
 def test_failed_export_leaves_the_previous_one_intact(
     trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import taskling.export as export_module
+    import taskling.export.exporter as export_module
 
     good = export(trained_run, "vllm", tmp_path / "vllm")
     before = (good.out_dir / "manifest.json").read_text()
@@ -269,7 +269,7 @@ def test_cli_export(trained_run: Path, tmp_path: Path) -> None:
 def test_real_bundled_model_exports_to_ollama_q8_0(tmp_path: Path) -> None:
     """SmolLM2-135M (30 layers, 9 query / 3 key-value heads): a 2-step run, exported and read back."""
     from taskling.config import build_config
-    from taskling.train import train
+    from taskling.train.sft import train
 
     fixtures = Path(__file__).parent / "fixtures"
     labels = ["balance", "timer", "weather", "translate"]

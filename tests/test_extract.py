@@ -14,11 +14,11 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from taskling.errors import ConfigError, DataError
-from taskling.evaluate import Metrics
-from taskling.extract import ConstrainedDecoder, RecordFormat
-from taskling.extract_eval import char_f1, evaluate_extraction, rouge_l, score_records, score_texts
-from taskling.model import load_tokenizer
-from taskling.schema import ExtractionTask, build_extraction_config, load_records
+from taskling.evaluate.extraction import char_f1, evaluate_extraction, rouge_l, score_records, score_texts
+from taskling.evaluate.metrics import Metrics
+from taskling.extract.extractor import ConstrainedDecoder, RecordFormat
+from taskling.extract.schema import ExtractionTask, build_extraction_config, load_records
+from taskling.model.loader import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SCHEMA = FIXTURES / "extract8_schema.json"
@@ -177,7 +177,7 @@ def test_random_logits_always_give_schema_valid_records(tiny_model_dir: Path) ->
 
 
 def test_untrained_tiny_model_only_emits_valid_records(tiny_model_dir: Path) -> None:
-    from taskling.model import load_model
+    from taskling.model.loader import load_model
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     task = ExtractionTask.model_validate({"json_schema": str(SCHEMA)})
@@ -237,7 +237,7 @@ def _config(tiny_model_dir: Path, run: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def extraction_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from taskling.extract_train import train_extraction
+    from taskling.train.extraction import train_extraction
 
     run = tmp_path_factory.mktemp("extract") / "run"
     result = train_extraction(build_extraction_config(_config(tiny_model_dir, run)))
@@ -246,8 +246,8 @@ def extraction_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_training_then_evaluation_writes_gate_ready_files(extraction_run: Path, tmp_path: Path) -> None:
-    from taskling.bar import gate, load_predictions
-    from taskling.report import build_report
+    from taskling.evaluate.gate import gate, load_predictions
+    from taskling.evaluate.report import build_report
 
     manifest = json.loads((extraction_run / "run.json").read_text())
     assert manifest["kind"] == "extraction" and manifest["data"]["train_rows"] == 128
@@ -294,7 +294,7 @@ def test_cli_extract_commands(extraction_run: Path, tiny_model_dir: Path, tmp_pa
 @pytest.mark.slow
 def test_bundled_model_untrained_emits_valid_records() -> None:
     """The real tokenizer (49k tokens, byte-level BPE) with the decoder: every answer still validates."""
-    from taskling.model import load_model, resolve_base
+    from taskling.model.loader import load_model, resolve_base
 
     path = resolve_base("bundled:smollm2-135m")
     tokenizer = load_tokenizer(path)

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from taskling.data import load_file
+from taskling.data.load import load_file
 from taskling.errors import DataError
 from taskling.task import Task
 
@@ -246,7 +246,7 @@ def client(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from taskling.serve import ServeSettings, build_engine, create_app
+    from taskling.serve.server import ServeSettings, build_engine, create_app
 
     db = tmp_path_factory.mktemp("fuzzlog") / "log.db"
     settings_ = ServeSettings(log_url=f"sqlite:///{db}", threads=1, dtype="float32", max_text_chars=2000)
@@ -305,7 +305,7 @@ def test_raw_bodies(client: Any, body: bytes) -> None:
 
 
 def test_no_acknowledged_prediction_is_lost(client: Any) -> None:
-    from taskling.predlog import count_rows
+    from taskling.serve.predlog import count_rows
 
     for body in ({"text": "a"}, {"texts": ["b", "c"]}, {"text": "\ud800"}):
         check_response(client, "/v1/classify", json.dumps(body).encode())

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from taskling.bar import gate_paths, load_predictions
 from taskling.cli import app
 from taskling.config import build_config
-from taskling.data import Example
-from taskling.ladder import Bar, few_shot_examples, run_ladder
-from taskling.model import ChatFormat, load_tokenizer
+from taskling.data.load import Example
+from taskling.evaluate.gate import gate_paths, load_predictions
+from taskling.evaluate.ladder import Bar, few_shot_examples, run_ladder
+from taskling.model.loader import ChatFormat, load_tokenizer
 from taskling.task import Task
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import yaml
 
-from taskling.data import Example, load_file, stratified_split, write_examples, write_jsonl
-from taskling.gold import add_gold, load_version, score_on_gold, versions
-from taskling.loop import (
+from taskling.data.gold import add_gold, load_version, score_on_gold, versions
+from taskling.data.load import Example, load_file, stratified_split, write_examples
+from taskling.data.split import load_gold
+from taskling.io import write_jsonl
+from taskling.monitor.drift import MonitorConfig, hashing_embedder, load_reference, monitor_rows
+from taskling.monitor.retrain import (
     SampleConfig,
     new_training_version,
     read_registry,
@@ -21,9 +24,7 @@ from taskling.loop import (
     run_cycle,
     sample_rows,
 )
-from taskling.monitor import MonitorConfig, hashing_embedder, load_reference, monitor_rows
-from taskling.predict import Prediction
-from taskling.split import load_gold
+from taskling.serve.classifier import Prediction
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIG = MonitorConfig(embedder="hashing", min_rows=40)
@@ -393,7 +394,7 @@ def test_sample_cli_reads_the_prediction_log(
     from typer.testing import CliRunner
 
     from taskling.cli import app
-    from taskling.predlog import LogRow, PredictionLog, default_url
+    from taskling.serve.predlog import LogRow, PredictionLog, default_url
 
     run = tmp_path / "prod"
     make_trainer(labels)(_write(tmp_path / "t.jsonl", pools["train"]), run)

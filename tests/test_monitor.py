@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from taskling.abstain import AbstainingClassifier, AbstainThreshold, calibrate_threshold, oos_report
-from taskling.data import Example, load_file, stratified_split, write_examples
+from taskling.data.load import Example, load_file, stratified_split, write_examples
 from taskling.errors import ConfigError
-from taskling.monitor import (
+from taskling.monitor.drift import (
     MonitorConfig,
     build_reference,
     calibrate,
@@ -26,8 +25,9 @@ from taskling.monitor import (
     parse_since,
     write_report,
 )
-from taskling.predict import Prediction
-from taskling.predlog import LogRow, PredictionLog, default_url
+from taskling.serve.abstain import AbstainingClassifier, AbstainThreshold, calibrate_threshold, oos_report
+from taskling.serve.classifier import Prediction
+from taskling.serve.predlog import LogRow, PredictionLog, default_url
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIG = MonitorConfig(embedder="hashing", min_rows=40)
@@ -294,7 +294,7 @@ def test_in_scope_only_calibration_targets_coverage(data: dict[str, list[Example
 
 
 def test_abstaining_wrapper_keeps_the_classifier_default(trained_run: Path) -> None:
-    from taskling.predict import Classifier
+    from taskling.serve.classifier import Classifier
 
     clf = Classifier.from_run(trained_run)
     texts = ["what's my balance", "set a timer for ten minutes", "how do I say hello in french"]
@@ -310,7 +310,7 @@ def test_abstaining_wrapper_keeps_the_classifier_default(trained_run: Path) -> N
 @pytest.mark.slow
 def test_minilm_monitor_quiet_then_loud(data: dict[str, list[Example]], labels: list[str]) -> None:
     """The default embedder (all-MiniLM-L6-v2): same verdicts as the hashing stand-in."""
-    from taskling.embed import embed
+    from taskling.model.embed import embed
 
     config = MonitorConfig(min_rows=40)
     ref = build_reference(data["train"], data["validation"], labels, embed, config)

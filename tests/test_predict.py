@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from taskling.model import ChatFormat, load_model, load_tokenizer
-from taskling.predict import Classifier, LabelTrie, load_adapters
+from taskling.model.loader import ChatFormat, load_model, load_tokenizer
+from taskling.serve.classifier import Classifier, LabelTrie, load_adapters
 from taskling.task import Task
 
 TEXTS = [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from taskling.predlog import (
+from taskling.serve.predlog import (
     LogError,
     LogRow,
     PredictionLog,
@@ -86,7 +86,7 @@ def test_acknowledged_rows_survive_sigkill(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import sys, itertools
-        from taskling.predlog import LogRow, PredictionLog
+        from taskling.serve.predlog import LogRow, PredictionLog
         plog = PredictionLog({default_url(tmp_path)!r})
         for i in itertools.count():
             ids = [f"r{{i}}-{{k}}" for k in range(20)]

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from adversarial_inputs import adversarial_messages
 from taskling.errors import ConfigError, RunError
-from taskling.predict import Classifier
+from taskling.serve.classifier import Classifier
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "taskling"
 
@@ -55,7 +55,7 @@ def _history_steps(run: Path) -> int:
 @pytest.mark.slow  # three tiny trainings, two of them in fresh interpreters: ~1-2 min on 2 busy cores
 def test_sigkill_at_a_random_step_resumes_to_the_same_adapter(tiny_config: dict[str, Any], tmp_path: Path) -> None:
     from taskling.config import build_config
-    from taskling.train import train
+    from taskling.train.sft import train
 
     tiny_config["train"].update(epochs=2, checkpoint_every=1)
     reference = build_config({**tiny_config, "run_dir": str(tmp_path / "reference")})
@@ -95,14 +95,14 @@ def test_sigkill_at_a_random_step_resumes_to_the_same_adapter(tiny_config: dict[
 
 
 def test_a_history_line_cut_by_a_crash_does_not_block_resume(tmp_path: Path) -> None:
-    from taskling.train import iter_history
+    from taskling.train.sft import iter_history
 
     (tmp_path / "history.jsonl").write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_lo')
     assert [r["step"] for r in iter_history(tmp_path)] == [1]
 
 
 def test_batch_output_is_written_atomically(trained_run: Path, tmp_path: Path) -> None:
-    from taskling.batch import predict_batch
+    from taskling.serve.batch import predict_batch
 
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"text": "set a timer"}) + "\n" + json.dumps({"text": None}) + "\n")
@@ -187,7 +187,7 @@ def test_adapters_are_safetensors_and_a_pickled_adapter_is_refused(trained_run: 
 
 
 def test_server_refuses_to_bind_beyond_loopback_without_a_key() -> None:
-    from taskling.serve import ServeSettings, check_exposure
+    from taskling.serve.server import ServeSettings, check_exposure
 
     for host in ("0.0.0.0", "::", "192.168.1.10", "example.com", "127.0.0.1.example.com"):
         with pytest.raises(ConfigError, match="without an API key"):
@@ -198,7 +198,7 @@ def test_server_refuses_to_bind_beyond_loopback_without_a_key() -> None:
 
 
 def test_adapter_names_cannot_escape_their_directory(trained_run: Path, tmp_path: Path) -> None:
-    from taskling.serve import ADAPTER_NAME, ServeSettings, discover_runs
+    from taskling.serve.server import ADAPTER_NAME, ServeSettings, discover_runs
 
     root = tmp_path / "adapters"
     root.mkdir()
@@ -216,8 +216,8 @@ def test_secrets_are_never_logged(trained_run: Path, tmp_path: Path, caplog: pyt
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from taskling.predlog import redact
-    from taskling.serve import ServeSettings, build_engine, create_app
+    from taskling.serve.predlog import redact
+    from taskling.serve.server import ServeSettings, build_engine, create_app
 
     key, password = "sk-test-7c1d2e9f", "hunter2-pw"
     assert password not in redact(f"postgresql+psycopg://bob:{password}@db.internal:5432/log")
@@ -248,12 +248,12 @@ def test_artifacts_are_written_through_the_atomic_writer() -> None:
 
 
 def test_the_atomic_writer_leaves_the_old_file_when_the_write_fails(tmp_path: Path) -> None:
-    from taskling.data import write_text_atomic
+    from taskling.io import write_text
 
     target = tmp_path / "metrics.json"
-    write_text_atomic(target, '{"accuracy": 0.9}')
+    write_text(target, '{"accuracy": 0.9}')
     with pytest.raises(UnicodeEncodeError):
-        write_text_atomic(target, '{"accuracy": "\udcff"}')  # a lone surrogate cannot be encoded mid-write
+        write_text(target, '{"accuracy": "\udcff"}')  # a lone surrogate cannot be encoded mid-write
     assert target.read_text() == '{"accuracy": 0.9}'
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
@@ -261,8 +261,8 @@ def test_the_atomic_writer_leaves_the_old_file_when_the_write_fails(tmp_path: Pa
 def test_an_int8_server_answers_in_set_and_logs_which_classifier_answered(trained_run: Path, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from taskling.predlog import read_rows
-    from taskling.serve import ServeSettings, build_engine, create_app
+    from taskling.serve.predlog import read_rows
+    from taskling.serve.server import ServeSettings, build_engine, create_app
 
     url = f"sqlite:///{tmp_path / 'log.db'}"
     engine = build_engine(trained_run, ServeSettings(log_url=url, threads=1, quantize="int8"))

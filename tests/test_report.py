@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from taskling.bar import pin_baseline
 from taskling.cli import app
-from taskling.report import build_report, calibration_bins, expected_calibration_error, write_report
+from taskling.evaluate.gate import pin_baseline
+from taskling.evaluate.report import build_report, calibration_bins, expected_calibration_error, write_report
 
 LABELS = ["balance", "transfer", "card_lost"]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from taskling.bar import gate_paths
 from taskling.cli import app
-from taskling.runs import compare, list_runs
+from taskling.evaluate.gate import gate_paths
+from taskling.evaluate.runs import compare, list_runs
 
 LABELS = ["a", "b", "c"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from taskling.model import ChatFormat, load_tokenizer
+from taskling.model.loader import ChatFormat, load_tokenizer
 from taskling.task import Task
 
 KEY = "test-secret-key-4f9a"

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from taskling.config import ProjectConfig, build_config
-from taskling.data import load_file
-from taskling.model import ChatFormat, load_model, load_tokenizer, resolve_base
-from taskling.predict import Classifier
-from taskling.train import tokenize, train, validation_loss
+from taskling.data.load import load_file
+from taskling.model.loader import ChatFormat, load_model, load_tokenizer, resolve_base
+from taskling.serve.classifier import Classifier
+from taskling.train.sft import tokenize, train, validation_loss
 
 pytestmark = pytest.mark.slow
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -17,8 +17,8 @@ import uvicorn
 from fastapi import FastAPI, Header, HTTPException
 from typer.testing import CliRunner
 
-from taskling.data import Example
-from taskling.teacher import TeacherClient, TeacherError, label_texts, synthesize
+from taskling.data.load import Example
+from taskling.data.teacher import TeacherClient, TeacherError, label_texts, synthesize
 
 KEY = "sk-test-secret-123"
 LABELS = ["balance", "timer", "weather"]

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from taskling.config import build_config
-from taskling.model import ChatFormat, load_tokenizer
-from taskling.predict import Classifier
+from taskling.model.loader import ChatFormat, load_tokenizer
+from taskling.serve.classifier import Classifier
 from taskling.task import Task
-from taskling.train import answer_loss, collate, train
+from taskling.train.sft import answer_loss, collate, train
 
 
 def adapter_tensors(run_dir: Path, where: str = "adapter") -> dict[str, torch.Tensor]:
@@ -100,8 +100,8 @@ def test_early_stopping_keeps_the_best_adapter_not_the_last(tiny_config: dict[st
     assert evals[-1][1] > best_loss
     # Reload the kept adapter and measure: it is the best one's loss, not the last one's.
     clf = Classifier.from_run(result.run_dir, merge=False)
-    from taskling.data import load_file
-    from taskling.train import tokenize, validation_loss
+    from taskling.data.load import load_file
+    from taskling.train.sft import tokenize, validation_loss
 
     val = load_file(result.run_dir / "data" / "validation.jsonl", clf.task).examples
     loss = validation_loss(clf.model, tokenize(val, clf.fmt), 16, clf.fmt.tokenizer.pad_token_id, "cpu")
@@ -144,7 +144,7 @@ def test_bad_rows_in_skip_mode_are_reported_in_the_run(tiny_config: dict[str, An
 
 
 def test_a_save_cut_between_its_renames_is_recovered(tmp_path: Path) -> None:
-    from taskling.train import _recover_swaps, _swap_in
+    from taskling.train.sft import _recover_swaps, _swap_in
 
     final, new = tmp_path / "adapter", tmp_path / "adapter.partial"
     final.mkdir()

@@ -1,10 +1,17 @@
-"""taskling: turn a narrow, high-volume task into a small fine-tuned specialist model."""
+"""taskling: turn a narrow, high-volume task into a small fine-tuned specialist model.
+
+The package is laid out by pipeline stage, in the order data flows (see docs/architecture.md):
+`model/` -> `data/` -> `train/` -> `evaluate/` -> `serve/`, with `extract/`, `export/` and
+`monitor/` beside them and `cli/` on top. `train` and `evaluate` are subpackages, so their
+entry points are imported from them: `from taskling.train import train`,
+`from taskling.evaluate import evaluate`.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from taskling.version import __version__
 
 __all__ = [
     "Classifier",
@@ -12,30 +19,26 @@ __all__ = [
     "ProjectConfig",
     "Task",
     "TasklingError",
-    "evaluate",
+    "__version__",
     "load_config",
     "score",
-    "train",
 ]
 
 if TYPE_CHECKING:
     from taskling.config import ProjectConfig, load_config
     from taskling.errors import TasklingError
-    from taskling.evaluate import evaluate, score
-    from taskling.predict import Classifier, Prediction
+    from taskling.evaluate.metrics import score
+    from taskling.serve.classifier import Classifier, Prediction
     from taskling.task import Task
-    from taskling.train import train
 
 _HOMES = {
-    "Classifier": "taskling.predict",
-    "Prediction": "taskling.predict",
+    "Classifier": "taskling.serve.classifier",
+    "Prediction": "taskling.serve.classifier",
     "ProjectConfig": "taskling.config",
     "load_config": "taskling.config",
     "Task": "taskling.task",
     "TasklingError": "taskling.errors",
-    "evaluate": "taskling.evaluate",
-    "score": "taskling.evaluate",
-    "train": "taskling.train",
+    "score": "taskling.evaluate.metrics",
 }
 
 

@@ -74,8 +74,8 @@ def baseline(
     repin: Annotated[bool, typer.Option("--repin", help="Replace an existing baseline on purpose.")] = False,
 ) -> None:
     """Score a reference system (the teacher) on the gold set once and pin it, with the gold hash."""
-    from taskling.bar import pin_baseline, read_labels
-    from taskling.evaluate import Metrics
+    from taskling.evaluate.gate import pin_baseline, read_labels
+    from taskling.evaluate.metrics import Metrics
 
     payload = pin_baseline(
         run_dir, gold, predictions, labels=read_labels(labels) if labels else None, name=name, repin=repin
@@ -99,7 +99,7 @@ def gate(
     exact: Annotated[bool, typer.Option("--exact", help="McNemar exact p instead of mid-p (stricter).")] = False,
 ) -> None:
     """Exit 0 if CANDIDATE holds the bar, 1 if not (2: usage error). Writes gate.json."""
-    from taskling.bar import gate_paths
+    from taskling.evaluate.gate import gate_paths
 
     verdict = gate_paths(
         candidate,
@@ -134,7 +134,7 @@ def ladder(
 ) -> None:
     """Train and score TF-IDF, MiniLM, zero/few-shot and LoRA; name the smallest that clears the bar."""
     from taskling.config import load_config
-    from taskling.ladder import Bar, run_ladder
+    from taskling.evaluate.ladder import Bar, run_ladder
 
     bar = Bar(against=against, min_accuracy=min_accuracy, min_category_accuracy=min_category_accuracy)
     result = run_ladder(
@@ -183,7 +183,7 @@ def report(
     against: Annotated[Path | None, typer.Option(help="Baseline for the per-category bars.")] = None,
 ) -> None:
     """Write a self-contained report.html (no network needed to open it)."""
-    from taskling.report import write_report
+    from taskling.evaluate.report import write_report
 
     path = write_report(run_dir, out=out, ladder=ladder_file, baseline=against)
     console.print(f"wrote {path}")
@@ -204,7 +204,7 @@ def cost(
     always_on: Annotated[bool, typer.Option("--always-on", help="Hardware rented all month.")] = False,
 ) -> None:
     """Cost per million calls, teacher vs specialist, and the break-even volume."""
-    from taskling.cost import CostInputs, estimate, measured_throughput
+    from taskling.evaluate.cost import CostInputs, estimate, measured_throughput
 
     latency = None
     if throughput is None:
@@ -249,7 +249,7 @@ def runs(
     root: Annotated[Path, typer.Argument(help="Folder holding run directories.")] = Path("runs"),
 ) -> None:
     """List runs with their metrics, gold hash and gate verdict."""
-    from taskling.runs import list_runs
+    from taskling.evaluate.runs import list_runs
 
     table = Table(title=f"runs under {root}")
     for col in ("run", "accuracy", "macro-F1", "worst category", "gold", "baseline", "gate"):
@@ -274,7 +274,7 @@ def compare(
     b: Annotated[Path, typer.Argument(help="Run B (after).")],
 ) -> None:
     """What changed per category from run A to run B (paired when on the same gold set)."""
-    from taskling.runs import compare as compare_runs
+    from taskling.evaluate.runs import compare as compare_runs
 
     result = compare_runs(a, b)
     acc_a, acc_b = result.accuracy

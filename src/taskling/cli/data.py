@@ -13,16 +13,16 @@ from taskling.cli.common import (
     console,
     friendly_errors,
 )
-from taskling.data import write_text_atomic
 from taskling.errors import TasklingError
+from taskling.io import write_text
 
 
 def _clean_config(settings: list[str] | None) -> Any:
     """A CleanConfig from `key=value` settings; unknown keys are errors."""
     from pydantic import ValidationError
 
-    from taskling.clean import CleanConfig
     from taskling.config import parse_overrides
+    from taskling.data.clean import CleanConfig
     from taskling.errors import ConfigError
 
     try:
@@ -81,7 +81,7 @@ def distill_cmd(
     settings: Annotated[list[str] | None, typer.Option("--set", help="Cleaning setting key=value.")] = None,
 ) -> None:
     """Teacher logs -> train.jsonl, review.jsonl, rejected.jsonl and report.json (every row in one)."""
-    from taskling.distill import DistillConfig, distill, load_task_file
+    from taskling.data.distill import DistillConfig, distill, load_task_file
 
     config = DistillConfig(min_confidence=min_confidence, gold_manifest=gold_manifest, clean=_clean_config(settings))
     with console.status("distilling: dedupe, conflicts, label errors"):
@@ -108,9 +108,9 @@ def data_report_cmd(
     """Counts per category against the guide, duplicates, label-error candidates, review queue."""
     import json
 
-    from taskling.clean import build_report, clean_examples
-    from taskling.data import load_file
-    from taskling.distill import load_task_file
+    from taskling.data.clean import build_report, clean_examples
+    from taskling.data.distill import load_task_file
+    from taskling.data.load import load_file
 
     if data.is_dir():
         if not (data / "report.json").is_file():
@@ -131,7 +131,7 @@ def data_report_cmd(
             extra_rejected=loaded.skipped_by_reason,
         )
     target = json_out or (data / "report.json" if data.is_dir() else data.with_suffix(".report.json"))
-    write_text_atomic(target, json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(target, json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     render_data_report(report)
     console.print(f"wrote {target}")
 
@@ -148,9 +148,9 @@ def split_cmd(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Stratified train/validation/gold split; the gold set is frozen with a manifest."""
-    from taskling.data import load_files
-    from taskling.distill import load_task_file
-    from taskling.split import SplitConfig, split_dataset
+    from taskling.data.distill import load_task_file
+    from taskling.data.load import load_files
+    from taskling.data.split import SplitConfig, split_dataset
 
     spec = load_task_file(task) if task else None
     examples = load_files(data, spec).examples
@@ -179,9 +179,9 @@ def label_cmd(
     """Label texts with a teacher (any OpenAI-compatible endpoint from the environment)."""
     import json
 
-    from taskling.data import write_jsonl
-    from taskling.distill import load_task_file
-    from taskling.teacher import TeacherClient, label_texts, usage_dict
+    from taskling.data.distill import load_task_file
+    from taskling.data.teacher import TeacherClient, label_texts, usage_dict
+    from taskling.io import write_jsonl
 
     lines = [line for line in texts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = [json.loads(line)["text"] if line.lstrip().startswith("{") else line.strip() for line in lines]
@@ -206,10 +206,11 @@ def synth_cmd(
     model: Annotated[str | None, typer.Option(help="Teacher model (default $TASKLING_TEACHER_MODEL).")] = None,
 ) -> None:
     """Ask the teacher for diverse examples per category; keep only validated ones."""
-    from taskling.data import write_examples, write_jsonl
-    from taskling.distill import load_task_file
-    from taskling.split import load_gold, manifest_clean_config
-    from taskling.teacher import TeacherClient, synthesize, usage_dict
+    from taskling.data.distill import load_task_file
+    from taskling.data.load import write_examples
+    from taskling.data.split import load_gold, manifest_clean_config
+    from taskling.data.teacher import TeacherClient, synthesize, usage_dict
+    from taskling.io import write_jsonl
 
     spec = load_task_file(task)
     gold, clean = (None, None)

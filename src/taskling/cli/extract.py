@@ -41,8 +41,8 @@ def extract_train(
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides.")] = None,
 ) -> None:
     """Train a LoRA adapter that fills a schema's fields (see docs/extraction.md)."""
-    from taskling.extract_train import train_extraction
-    from taskling.schema import load_extraction_config
+    from taskling.extract.schema import load_extraction_config
+    from taskling.train.extraction import train_extraction
 
     cfg = load_extraction_config(config, overrides or [])
     with training_progress() as progress:
@@ -59,7 +59,7 @@ def extract(
     """Extract one schema-valid JSON record per message."""
     import json
 
-    from taskling.extract import Extractor
+    from taskling.extract.extractor import Extractor
 
     extractor = Extractor.from_run(run_dir)
     for result in extractor.extract(text):
@@ -75,7 +75,7 @@ def extract_eval(
     out: Annotated[Path | None, typer.Option("--out", help="Where metrics go (default RUN_DIR).")] = None,
 ) -> None:
     """Score an extraction run per field; writes metrics.json, predictions.jsonl and fields/."""
-    from taskling.extract_eval import evaluate_extraction
+    from taskling.evaluate.extraction import evaluate_extraction
 
     result = evaluate_extraction(run_dir, data, out_dir=out)
     _render_extraction(result.metrics)
@@ -92,7 +92,7 @@ def pairs(
     margin_below: Annotated[float, typer.Option(help="Also pair right answers with margin below this.")] = 0.0,
 ) -> None:
     """Build DPO chosen/rejected pairs from the run's mistakes and teacher disagreements."""
-    from taskling.dpo import build_pairs
+    from taskling.train.dpo import build_pairs
 
     path, counts = build_pairs(run_dir, out, data=data, teacher=teacher, margin_below=margin_below)
     console.print(f"wrote {counts['pairs']} pairs to {path}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -111,7 +111,7 @@ def dpo_cmd(
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 4,
 ) -> None:
     """Refine a run's adapter with DPO on preference pairs; with --gold, report if it helped."""
-    from taskling.dpo import compare, dpo
+    from taskling.train.dpo import compare, dpo
 
     with console.status("DPO: refining the adapter"):
         result = dpo(run_dir, pairs_file, out, beta=beta, learning_rate=lr, epochs=epochs, batch_size=batch_size)

@@ -27,7 +27,7 @@ def monitor_cmd(
     adapter: Annotated[str | None, typer.Option(help="Only rows of this adapter.")] = None,
 ) -> None:
     """Drift report over the log window; exits 1 when any check is over its threshold."""
-    from taskling.monitor import load_monitor_config, monitor, write_report
+    from taskling.monitor.drift import load_monitor_config, monitor, write_report
 
     with console.status(f"checking {run_dir} since {since}"):
         report = monitor(run_dir, since=since, url=db, config=load_monitor_config(config), adapter=adapter)
@@ -56,8 +56,8 @@ def sample_cmd(
     config: Annotated[Path | None, typer.Option(help="Monitor YAML (its embedder is used).")] = None,
 ) -> None:
     """Pick low-confidence, unfamiliar and drifted-category rows from the log for relabeling."""
-    from taskling.loop import SampleConfig, sample_run
-    from taskling.monitor import load_monitor_config
+    from taskling.monitor.drift import load_monitor_config
+    from taskling.monitor.retrain import SampleConfig, sample_run
 
     with console.status("sampling"):
         result = sample_run(
@@ -96,8 +96,8 @@ def retrain_cmd(
 ) -> None:
     """New training version (cleaned, gold-leak free) -> train a candidate -> gate -> promote if it passes."""
     from taskling.config import load_config
-    from taskling.gold import load_version
-    from taskling.loop import classifier_loader, lora_trainer, new_training_version, production_run, retrain
+    from taskling.data.gold import load_version
+    from taskling.monitor.retrain import classifier_loader, lora_trainer, new_training_version, production_run, retrain
 
     labels = list(load_config(config).task.labels)
     prod = production or production_run(registry)
@@ -140,9 +140,9 @@ def gold_add_cmd(
     ] = None,
 ) -> None:
     """Write the next gold version: the latest rows plus the new ones (older versions stay)."""
-    from taskling.bar import read_labels, task_labels
-    from taskling.data import load_files
-    from taskling.gold import add_gold
+    from taskling.data.gold import add_gold
+    from taskling.data.load import load_files
+    from taskling.evaluate.gate import read_labels, task_labels
 
     label_set = task_labels(Path(labels)) if Path(labels).is_dir() else read_labels(labels)
     train_rows = load_files(train).examples if train else []
@@ -163,10 +163,10 @@ def calibrate_cmd(
     coverage: Annotated[float, typer.Option(help="Without --oos: share of in-scope rows to answer.")] = 0.95,
 ) -> None:
     """Choose the `unknown` threshold on validation data (abstain.json) and the monitor's confidence reference."""
-    from taskling.abstain import calibrate_threshold
-    from taskling.data import load_file
-    from taskling.monitor import MonitorConfig, calibrate
-    from taskling.predict import Classifier
+    from taskling.data.load import load_file
+    from taskling.monitor.drift import MonitorConfig, calibrate
+    from taskling.serve.abstain import calibrate_threshold
+    from taskling.serve.classifier import Classifier
 
     if metric not in ("probability", "margin"):
         raise TasklingError(f"--metric {metric!r} is unknown", fix="use --metric probability or --metric margin")

@@ -48,8 +48,8 @@ def serve(
     ] = None,
 ) -> None:
     """Serve RUN_DIR over HTTP: /v1/classify, /v1/chat/completions, /healthz, /metrics."""
-    from taskling.serve import ServeSettings
-    from taskling.serve import serve as run_server
+    from taskling.serve.server import ServeSettings
+    from taskling.serve.server import serve as run_server
 
     key = os.environ.get("TASKLING_API_KEY") or None
     if api_key_file is not None:
@@ -89,7 +89,7 @@ def logs(
     export: Annotated[Path | None, typer.Option(help="Write JSONL (text, label, ...) for relabeling.")] = None,
 ) -> None:
     """Read the prediction log back, or export it as JSONL for relabeling."""
-    from taskling.predlog import count_rows, default_url, export_jsonl, read_rows
+    from taskling.serve.predlog import count_rows, default_url, export_jsonl, read_rows
 
     url = url or os.environ.get("TASKLING_LOG_URL") or default_url(run_dir)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
@@ -123,7 +123,7 @@ def export_cmd(
     dtype: Annotated[str, typer.Option("--dtype", help="Saved weights for merged: float32 | bfloat16.")] = "float32",
 ) -> None:
     """Export a run: merged safetensors, GGUF, an Ollama Modelfile, or a vLLM LoRA launch line."""
-    from taskling.export import export
+    from taskling.export.exporter import export
 
     with console.status(f"exporting {run_dir} to {to} (writing, then checking the result)"):
         result = export(run_dir, to, out, quant=quant, dtype=dtype)
@@ -160,7 +160,7 @@ def predict_batch_cmd(
     threads: Annotated[int, typer.Option(help="torch threads per classifier.")] = 1,
 ) -> None:
     """Classify every row of a Parquet/JSONL/CSV file: input columns + label, probability, margin, probabilities."""
-    from taskling.batch import predict_batch
+    from taskling.serve.batch import predict_batch
 
     result = predict_batch(
         run_dir,

@@ -28,7 +28,7 @@ def train(
 ) -> None:
     """Fine-tune a LoRA adapter as CONFIG says."""
     from taskling.config import load_config
-    from taskling.train import train as run_training
+    from taskling.train.sft import train as run_training
 
     cfg = load_config(config, overrides or [])
     with training_progress() as update:
@@ -48,8 +48,8 @@ def eval_cmd(
     ] = None,
 ) -> None:
     """Score a run on a gold file: writes metrics.json and predictions.jsonl."""
-    from taskling.evaluate import evaluate
-    from taskling.predict import Classifier
+    from taskling.evaluate.metrics import evaluate
+    from taskling.serve.classifier import Classifier
 
     clf = Classifier.from_run(run_dir, quantize=quantize)
     # A quantized classifier's scores never overwrite the run's own: gate one against the other.
@@ -72,7 +72,7 @@ def classify(
     """Classify messages: the answer is always one label of the set, with probabilities."""
     import json
 
-    from taskling.predict import Classifier
+    from taskling.serve.classifier import Classifier
 
     items = list(texts or [])
     if file is not None:
@@ -101,9 +101,9 @@ def demo(
     base: Annotated[str, typer.Option(help="Base model.")] = "bundled:smollm2-135m",
 ) -> None:
     """Run the whole path on CLINC150 with the bundled SmolLM2-135M and print a report card."""
-    from taskling.demo import prepare_demo
-    from taskling.evaluate import evaluate
-    from taskling.train import train as run_training
+    from taskling.data.demo import prepare_demo
+    from taskling.evaluate.metrics import evaluate
+    from taskling.train.sft import train as run_training
 
     config, gold = prepare_demo(
         run_dir, data_dir=data_dir, intents=intents, train_per_intent=train_per_intent, epochs=epochs, base=base

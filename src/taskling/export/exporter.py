@@ -1,0 +1,508 @@
+"""Exports: ship a trained run to the runtimes people deploy on.
+
+`export(run_dir, to=...)` writes one directory per format, atomically (a temp directory
+renamed into place), each with a `manifest.json` listing every file's sha256, the source
+run, the base model, the labels and the taskling version:
+
+    merged   model.safetensors + config + tokenizer carrying the training chat template
+    gguf     model.gguf (f16 or q8_0) with llama.cpp tensor names, hyperparameters, the BPE
+             tokenizer and `tokenizer.chat_template`; llama architecture only
+    ollama   model.gguf + a Modelfile whose TEMPLATE is the training chat template in Go
+             template syntax, with its stop tokens, the task instruction as SYSTEM, temperature 0
+    vllm     adapter/ (peft) + launch.sh (`vllm serve BASE --enable-lora --lora-modules ...`)
+             + request.json asking for a structured-output `choice` over the label set
+
+Every export is checked before it is renamed into place: the merged model must predict the
+labels `Classifier.from_run` predicts; a GGUF is read back with `gguf.GGUFReader`, loaded by
+transformers' GGUF loader (an independent reader that undoes llama.cpp's q/k permutation) and
+its logits compared to the merged model's, and its tokenizer must produce the same ids; the
+Ollama template must render exactly what the Jinja template renders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from taskling.errors import RunError, TasklingError
+from taskling.io import write_text
+from taskling.model.loader import ChatFormat, load_model, load_tokenizer, resolve_base
+from taskling.task import Task
+from taskling.version import __version__
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("merged", "gguf", "ollama", "vllm")
+QUANTS = ("f16", "q8_0")
+MERGED_DTYPES = ("float32", "bfloat16", "float16")
+GGUF_NAME = "model.gguf"
+# Relative error of the logits (max |diff| / max |reference|) a GGUF may show against the
+# merged transformers model: f16 rounds weights to ~3 significant digits, q8_0 to ~2.
+LOGIT_TOLERANCE = {"f16": 0.01, "q8_0": 0.06}
+# The same, per tensor, for the weights read back (f16: 2^-11 relative rounding; q8_0: 1/254
+# of a 32-value block's largest magnitude). A wrong q/k layout is off by O(1).
+WEIGHT_TOLERANCE = {"f16": 1e-3, "q8_0": 1e-2}
+# A label disagreement between two numerically equivalent models is only an error when the
+# reference was not near a tie: bf16 vs fp32 merges may flip a coin-toss.
+NEAR_TIE = 0.05
+# vLLM accepts only these --max-lora-rank values.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ExportError(TasklingError):
+    """A run cannot be exported to the requested format, or the export failed its check."""
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    format: str
+    files: dict[str, str]  # relative path -> sha256
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunInfo:
+    run_dir: Path
+    manifest: dict[str, Any]
+    task: Task
+    tokenizer: Any
+    base_path: str
+
+    @property
+    def chat_template(self) -> str:
+        return str(self.manifest["chat_template"])
+
+    def chat_format(self, tokenizer: Any | None = None) -> ChatFormat:
+        return ChatFormat(tokenizer or self.tokenizer, self.task, int(self.manifest["max_length"]))
+
+
+def load_run(run_dir: str | Path) -> RunInfo:
+    """The pieces of a finished run an export needs."""
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "run.json").is_file() or not (run_dir / "adapter").is_dir():
+        raise RunError(
+            f"{run_dir} is not a finished run (no run.json or adapter/)",
+            fix="train first: taskling train CONFIG.yaml, or point at the run directory it wrote",
+        )
+    manifest = json.loads((run_dir / "run.json").read_text())
+    base_path = manifest["base_model_path"]
+    if not Path(base_path).exists():
+        base_path = resolve_base(manifest["base_model"])
+    tokenizer = load_tokenizer(str(run_dir / "tokenizer"), manifest["chat_template"])
+    return RunInfo(run_dir, manifest, Task.model_validate(manifest["task"]), tokenizer, base_path)
+
+
+def merged_model(run: RunInfo) -> Any:
+    """Base + the run's best adapter, merged in float32 (the merge itself loses nothing)."""
+    from peft import PeftModel
+
+    base = load_model(run.base_path, torch.float32)
+    model = PeftModel.from_pretrained(base, str(run.run_dir / "adapter")).merge_and_unload()
+    return model.eval()
+
+
+def sample_texts(run: RunInfo, n: int = 8) -> list[str]:
+    """A few real messages from the run's own data, to check exports on."""
+    texts: list[str] = []
+    for name in ("validation.jsonl", "train.jsonl"):
+        path = run.run_dir / "data" / name
+        if not path.is_file():
+            continue
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if len(texts) >= n:
+                    break
+                if line.strip():
+                    texts.append(str(json.loads(line)["text"]))
+    return texts or ["what is my credit score", "play the next song please", "thanks a lot"]
+
+
+# ---------------------------------------------------------------- writing
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty temp directory beside `out`; on success it replaces `out` in one rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        # Only a previous export is replaced; the old one is moved aside first so a reader
+        # never sees a half-written directory.
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def write_manifest(
+    directory: Path, run: RunInfo, fmt: str, quant: str | None, checks: dict[str, Any]
+) -> dict[str, str]:
+    """Write manifest.json (every other file's sha256 and size, the source, the labels)."""
+    files = {
+        str(p.relative_to(directory)): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
+    manifest = {
+        "format": fmt,
+        "quant": quant,
+        "taskling_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_run": str(run.run_dir),
+        "base_model": run.manifest["base_model"],
+        "base_model_path": run.base_path,
+        "task": {"name": run.task.name, "labels": list(run.task.labels), "system_prompt": run.task.system_prompt()},
+        "chat_template_sha256": hashlib.sha256(run.chat_template.encode()).hexdigest(),
+        "files": {name: {"sha256": sha, "bytes": (directory / name).stat().st_size} for name, sha in files.items()},
+        "checks": checks,
+    }
+    write_text(directory / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return files
+
+
+def default_out(run_dir: Path, fmt: str, quant: str) -> Path:
+    suffix = f"-{quant}" if fmt in ("gguf", "ollama") else ""
+    return run_dir / "exports" / f"{fmt}{suffix}"
+
+
+def export(
+    run_dir: str | Path,
+    to: str,
+    out: str | Path | None = None,
+    *,
+    quant: str = "f16",
+    dtype: str = "float32",
+    verify: bool = True,
+) -> ExportResult:
+    """Export a finished run to `to` (merged, gguf, ollama or vllm) and check the result.
+
+    Writes into `out` (default RUN_DIR/exports/FORMAT[-QUANT]) atomically; an existing
+    directory is replaced only when it is itself a taskling export. `quant` applies to
+    gguf and ollama, `dtype` (the saved weights) to merged.
+    """
+    if to not in FORMATS:
+        raise ExportError(f"unknown export format {to!r}", fix=f"use one of: {', '.join(FORMATS)}")
+    if quant not in QUANTS:
+        raise ExportError(f"unknown GGUF quantization {quant!r}", fix=f"use one of: {', '.join(QUANTS)}")
+    if dtype not in MERGED_DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r} for merged weights", fix=f"use one of: {', '.join(MERGED_DTYPES)}")
+    run = load_run(run_dir)
+    out_dir = Path(out) if out is not None else default_out(run.run_dir, to, quant)
+    if out_dir.exists() and not (out_dir / "manifest.json").is_file():
+        raise ExportError(
+            f"{out_dir} exists and is not a taskling export; refusing to replace it",
+            fix="choose another --out, or remove that directory",
+        )
+    with atomic_dir(out_dir) as tmp:
+        if to == "merged":
+            checks = write_merged(run, tmp, quant=quant, verify=verify, dtype=dtype)
+        else:
+            writer = {"gguf": write_gguf_dir, "ollama": write_ollama, "vllm": write_vllm}[to]
+            checks = writer(run, tmp, quant=quant, verify=verify)
+        files = write_manifest(tmp, run, to, quant if to in ("gguf", "ollama") else None, checks)
+    log.info("exported %s to %s (%d files)", to, out_dir, len(files) + 1)
+    return ExportResult(out_dir, to, files, checks)
+
+
+# ---------------------------------------------------------------- shared helpers for the formats
+
+
+def _placeholder(tag: str) -> str:
+    return f"@@taskling-{tag}@@"
+
+
+def split_rendering(rendered: str, parts: Sequence[str]) -> list[str] | None:
+    """Cut `rendered` at each of `parts` (each must occur exactly once, in order)."""
+    pieces: list[str] = []
+    rest = rendered
+    for part in parts:
+        if rendered.count(part) != 1 or part not in rest:
+            return None
+        head, rest = rest.split(part, 1)
+        pieces.append(head)
+    pieces.append(rest)
+    return pieces
+
+
+_GO_ACTION = re.compile(r"\{\{\s*(.*?)\s*\}\}", re.S)
+
+
+def render_go_template(template: str, system: str | None, prompt: str) -> str:
+    """Render the Go-template subset the Ollama export writes (enough to check it).
+
+    Supports literal text, `{{ .System }}`, `{{ .Prompt }}` and `{{ if .System }}..{{ else }}..{{ end }}`.
+    """
+    values = {".System": system or "", ".Prompt": prompt}
+    out: list[str] = []
+    stack: list[bool] = []  # per open `if`: is the current branch taken
+    pos = 0
+
+    def emitting() -> bool:
+        return all(stack)
+
+    for match in _GO_ACTION.finditer(template):
+        if emitting():
+            out.append(template[pos : match.start()])
+        pos = match.end()
+        action = match.group(1)
+        if action in values:
+            if emitting():
+                out.append(values[action])
+        elif action.startswith("if "):
+            stack.append(bool(values.get(action[3:].strip(), "")))
+        elif action == "else":
+            stack[-1] = not stack[-1] and all(stack[:-1])
+        elif action == "end":
+            stack.pop()
+        else:
+            raise ValueError(f"unsupported Go template action {{{{ {action} }}}}")
+    if emitting():
+        out.append(template[pos:])
+    return "".join(out)
+
+
+# ---------------------------------------------------------------- merged
+
+
+def write_merged(run: RunInfo, out: Path, *, quant: str, verify: bool, dtype: str = "float32") -> dict[str, Any]:
+    model = merged_model(run)
+    # float32 by default: rounding the merged weights to bf16 moves label probabilities by up
+    # to ~0.1 on SmolLM2-135M (the LoRA delta is small next to the weights it is added to).
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    # The tokenizer saved here carries the exact chat template the adapter was trained with.
+    run.tokenizer.save_pretrained(out)
+    checks: dict[str, Any] = {"dtype": dtype}
+    if verify:
+        checks["labels"] = check_merged(run, out)
+    return checks
+
+
+def compare_predictions(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, Any]:
+    """Label agreement of two prediction lists; disagreements on a clear reference answer fail."""
+    disagree = [
+        {"text": r.text, "reference": r.label, "export": c.label, "reference_margin": round(r.margin, 4)}
+        for r, c in zip(reference, candidate, strict=True)
+        if r.label != c.label
+    ]
+    max_diff = max(
+        abs(r.probabilities[label] - c.probabilities[label])
+        for r, c in zip(reference, candidate, strict=True)
+        for label in r.probabilities
+    )
+    return {
+        "texts": len(reference),
+        "agree": len(reference) - len(disagree),
+        "max_probability_diff": round(max_diff, 6),
+        "disagreements": disagree,
+        "clear_disagreements": sum(d["reference_margin"] >= NEAR_TIE for d in disagree),
+    }
+
+
+def check_merged(run: RunInfo, out: Path) -> dict[str, Any]:
+    """The saved merged model predicts what `Classifier.from_run` predicts on the run's own texts."""
+    from taskling.serve.classifier import Classifier
+
+    texts = sample_texts(run)
+    reference = Classifier.from_run(run.run_dir, device="cpu", dtype="float32").predict(texts)
+    tokenizer = load_tokenizer(str(out))
+    if tokenizer.chat_template != run.chat_template:
+        raise ExportError(f"{out}: the saved tokenizer lost the training chat template")
+    fmt = run.chat_format(tokenizer)
+    for label, answer in run.manifest["label_answers"].items():
+        if fmt.answer_text(label) != answer:
+            raise ExportError(f"{out}: the saved tokenizer renders label {label!r} differently than in training")
+    model = load_model(str(out), torch.float32)
+    candidate = Classifier(model, fmt, device="cpu").predict(texts)
+    result = compare_predictions(reference, candidate)
+    if result["clear_disagreements"]:
+        raise ExportError(
+            f"the merged model in {out} disagrees with the run on {result['clear_disagreements']} clear answers: "
+            f"{result['disagreements']}"
+        )
+    return result
+
+
+# ---------------------------------------------------------------- gguf
+
+
+def write_gguf_dir(run: RunInfo, out: Path, *, quant: str, verify: bool) -> dict[str, Any]:
+    from taskling.export.gguf import check_gguf, write_gguf
+
+    model = merged_model(run)
+    write_gguf(model, run.tokenizer, run.chat_template, out / GGUF_NAME, quant, name=run.task.name)
+    checks: dict[str, Any] = {"gguf": {"quant": quant}}
+    if verify:
+        checks["gguf"] = check_gguf(out / GGUF_NAME, model, run, quant)
+    return checks
+
+
+# ---------------------------------------------------------------- ollama
+
+
+def ollama_template(run: RunInfo) -> str:
+    """The training chat template as an Ollama (Go) TEMPLATE, checked to render identically.
+
+    Derived by rendering the Jinja template with placeholder messages: with a system and a
+    user message it must read A<system>B<user>C, and with only a user message D<user>C.
+    Anything else (content the template rewrites, turns it reorders) is refused.
+    """
+    sys_mark, user_mark = _placeholder("system"), _placeholder("user")
+    fmt = run.chat_format()
+
+    def jinja(system: str | None, user: str) -> str:
+        # The task's own messages, so few-shot turns (if any) become part of the template.
+        messages = run.task.messages(user)
+        if system is None:
+            messages = messages[1:]
+        else:
+            messages[0] = {"role": "system", "content": system}
+        return fmt._render(messages, True)
+
+    with_system = split_rendering(jinja(sys_mark, user_mark), [sys_mark, user_mark])
+    without_system = split_rendering(jinja(None, user_mark), [user_mark])
+    refuse = ExportError(
+        "cannot translate this run's chat template to an Ollama template faithfully",
+        fix="export to gguf and give your runtime the template stored in the GGUF (tokenizer.chat_template)",
+    )
+    if with_system is None or without_system is None or without_system[1] != with_system[2]:
+        raise refuse
+    a, b, c = with_system
+    d = without_system[0]
+    if any("{{" in part or '"""' in part for part in (a, b, c, d)):
+        raise refuse
+    template = f"{{{{ if .System }}}}{a}{{{{ .System }}}}{b}{{{{ else }}}}{d}{{{{ end }}}}{{{{ .Prompt }}}}{c}"
+    probes = [
+        (run.task.system_prompt(), "what's my credit score?"),
+        (" leading and trailing spaces ", "two\nlines\n\n"),
+        ("ünïcode — 字", "tab\there <b>tags</b> {{ .Prompt }}"),
+        (None, "no system message"),
+    ]
+    for system, user in probes:
+        if render_go_template(template, system, user) != jinja(system, user):
+            raise refuse
+    return template
+
+
+def stop_tokens(run: RunInfo) -> list[str]:
+    """What ends an answer in training: the text the template writes after a label, and EOS."""
+    stops: list[str] = []
+    for label, answer in run.manifest["label_answers"].items():
+        tail = answer[len(label) :].strip() if answer.startswith(label) else ""
+        if tail and tail not in stops:
+            stops.append(tail)
+    eos = run.tokenizer.eos_token
+    if eos and eos not in stops:
+        stops.append(eos)
+    return stops
+
+
+def modelfile_text(run: RunInfo) -> str:
+    system = run.task.system_prompt()
+    if '"""' in system:
+        raise ExportError('the task instruction contains \'"""\', which a Modelfile cannot quote')
+    fmt = run.chat_format()
+    lines = [
+        f"# taskling export of {run.run_dir.name} (task {run.task.name}); labels: {', '.join(run.task.labels)}",
+        f"FROM ./{GGUF_NAME}",
+        f'TEMPLATE """{ollama_template(run)}"""',
+        f'SYSTEM """{system}"""',
+        *(f"PARAMETER stop {json.dumps(stop)}" for stop in stop_tokens(run)),
+        "PARAMETER temperature 0",
+        # A label is the whole answer; this caps a misbehaving model at the longest one.
+        f"PARAMETER num_predict {fmt.max_answer_length + 1}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_ollama(run: RunInfo, out: Path, *, quant: str, verify: bool) -> dict[str, Any]:
+    # Template first: an untranslatable template fails before minutes of GGUF writing.
+    text = modelfile_text(run)
+    checks = write_gguf_dir(run, out, quant=quant, verify=verify)
+    write_text(out / "Modelfile", text)
+    checks["modelfile"] = {"template_round_trip": True, "stop": stop_tokens(run)}
+    return checks
+
+
+# ---------------------------------------------------------------- vllm
+
+
+def _vllm_base(run: RunInfo) -> str:
+    """A hub id stays a hub id; anything else (bundled, GGUF, local) is the local directory trained on."""
+    spec = str(run.manifest["base_model"])
+    if not spec.startswith("bundled:") and not Path(spec).exists() and not spec.endswith(".gguf"):
+        return spec
+    return str(Path(run.base_path).resolve())
+
+
+def write_vllm(run: RunInfo, out: Path, *, quant: str, verify: bool) -> dict[str, Any]:
+    import shlex
+
+    shutil.copytree(run.run_dir / "adapter", out / "adapter")
+    write_text(out / "chat_template.jinja", run.chat_template)
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    rank = max([int(adapter_config["r"]), *map(int, (adapter_config.get("rank_pattern") or {}).values())])
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", run.task.name) or "taskling"
+    base = _vllm_base(run)
+    launch = (
+        "#!/usr/bin/env bash\n"
+        f"# Serve {base} with the LoRA adapter of taskling run {run.run_dir.name} as model {name!r}.\n"
+        "# The chat template is the one the adapter was trained with; request.json shows a call\n"
+        '# constrained to the label set (vLLM >= 0.12: "structured_outputs"; older: "guided_choice").\n'
+        "set -euo pipefail\n"
+        'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"\n'
+        f'vllm serve {shlex.quote(base)} --enable-lora --lora-modules {name}="$HERE/adapter" '
+        f'--max-lora-rank {max_rank} --chat-template "$HERE/chat_template.jinja" "$@"\n'
+    )
+    write_text(out / "launch.sh", launch)
+    (out / "launch.sh").chmod(0o755)
+    fmt = run.chat_format()
+    request = {
+        "model": name,
+        "messages": run.task.messages(sample_texts(run, 1)[0]),
+        "temperature": 0,
+        "max_tokens": fmt.max_answer_length + 1,
+        "structured_outputs": {"choice": list(run.task.labels)},
+    }
+    write_text(out / "request.json", json.dumps(request, indent=2, ensure_ascii=False) + "\n")
+    checks: dict[str, Any] = {"max_lora_rank": max_rank, "adapter_rank": rank, "base": base}
+    if verify:
+        same = all(
+            sha256_file(p) == sha256_file(out / "adapter" / p.name)
+            for p in (run.run_dir / "adapter").iterdir()
+            if p.is_file()
+        )
+        if not same:
+            raise ExportError(f"{out / 'adapter'} does not match the run's adapter byte for byte")
+        checks["adapter_identical"] = True
+    return checks

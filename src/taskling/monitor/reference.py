@@ -1,0 +1,205 @@
+"""The monitor's reference: what live traffic is compared with.
+
+The run's training rows (label shares, MiniLM embeddings cached in `RUN_DIR/monitor/`),
+its validation rows (the OOD similarity cut-off, the input-drift noise level) and the
+model's confidence on validation data (`RUN_DIR/monitor/calibration.json`, from `calibrate`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from taskling.data.load import Example, content_hash, load_file
+from taskling.errors import RunError
+from taskling.io import write_text
+
+if TYPE_CHECKING:
+    from taskling.monitor.drift import MonitorConfig
+
+log = logging.getLogger(__name__)
+
+Embedder = Callable[[Sequence[str]], np.ndarray]
+CALIBRATION_FILE = "calibration.json"
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+def hashing_embedder(texts: Sequence[str]) -> np.ndarray:
+    """Character 2-4-gram hashing vectors with unit length: cheap, deterministic, no model."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    vec = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 4), n_features=2**12, alternate_sign=False)
+    return np.asarray(vec.transform(list(texts)).toarray(), dtype=np.float32)
+
+
+def get_embedder(name: str) -> Embedder:
+    if name == "hashing":
+        return hashing_embedder
+    from taskling.model.embed import embed
+
+    return embed
+
+
+def max_similarity(queries: np.ndarray, reference: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """For each query row, the cosine similarity of its nearest reference row (unit rows)."""
+    out = np.empty(len(queries), dtype=np.float32)
+    for start in range(0, len(queries), chunk):
+        out[start : start + chunk] = (queries[start : start + chunk] @ reference.T).max(axis=1)
+    return out
+
+
+def centroid_distance(a: np.ndarray, b_mean: np.ndarray) -> float:
+    m = a.mean(axis=0)
+    denom = float(np.linalg.norm(m) * np.linalg.norm(b_mean)) or 1.0
+    return 1.0 - float(m @ b_mean) / denom
+
+
+# ---------------------------------------------------------------- the reference
+
+
+@dataclass
+class Reference:
+    """What the window is compared with: the training data and the model on validation."""
+
+    labels: list[str]
+    label_share: dict[str, float]
+    train_embeddings: np.ndarray
+    val_embeddings: np.ndarray
+    ood_similarity: float  # an input less similar than this to every training row is OOD
+    mean_words: float
+    confidence: float | None = None  # mean top probability on validation
+    low_margin_share: float | None = None
+    confidence_source: str = "none"
+    train_hash: str = ""
+
+
+def text_stats(texts: Sequence[str]) -> dict[str, float]:
+    if not texts:
+        return {"mean_words": 0.0, "mean_chars": 0.0, "digit_share": 0.0, "non_ascii_share": 0.0}
+    return {
+        "mean_words": float(np.mean([len(t.split()) for t in texts])),
+        "mean_chars": float(np.mean([len(t) for t in texts])),
+        "digit_share": float(np.mean([bool(re.search(r"\d", t)) for t in texts])),
+        "non_ascii_share": float(np.mean([any(ord(c) > 127 for c in t) for t in texts])),
+    }
+
+
+def build_reference(
+    train: Sequence[Example],
+    validation: Sequence[Example],
+    labels: Sequence[str],
+    embedder: Embedder,
+    config: MonitorConfig,
+    *,
+    train_embeddings: np.ndarray | None = None,
+    val_embeddings: np.ndarray | None = None,
+) -> Reference:
+    """The training label shares, embeddings and the OOD similarity cut-off from validation."""
+    if not train:
+        raise RunError("no training rows to compare the traffic with")
+    counts = {label: 0 for label in labels}
+    for ex in train:
+        counts[ex.label] = counts.get(ex.label, 0) + 1
+    share = {label: n / len(train) for label, n in counts.items()}
+    t_emb = embedder([ex.text for ex in train]) if train_embeddings is None else train_embeddings
+    v_emb = embedder([ex.text for ex in validation]) if val_embeddings is None else val_embeddings
+    if len(v_emb):
+        cutoff = float(np.quantile(max_similarity(v_emb, t_emb), config.ood_quantile))
+    else:  # no held-out rows: leave-one-out within train would need an n^2 pass; be lenient
+        log.warning("no validation rows: the OOD cut-off falls back to cosine similarity 0.3")
+        cutoff = 0.3
+    return Reference(
+        labels=list(labels),
+        label_share=share,
+        train_embeddings=t_emb,
+        val_embeddings=v_emb if len(v_emb) else t_emb,
+        ood_similarity=cutoff,
+        mean_words=text_stats([ex.text for ex in train])["mean_words"],
+        train_hash=content_hash(train),
+    )
+
+
+def _cached_embeddings(path: Path, key: str, texts: Sequence[str], embedder: Embedder) -> np.ndarray:
+    if path.is_file():
+        with np.load(path) as cached:
+            if str(cached["key"]) == key:
+                return np.asarray(cached["vectors"])
+    vectors = embedder(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, key=np.array(key), vectors=vectors)
+    return vectors
+
+
+def run_labels(run_dir: Path) -> list[str]:
+    for name in ("run.json", "labels.json"):
+        file = run_dir / name
+        if file.is_file():
+            data = json.loads(file.read_text())
+            return list(data["task"]["labels"] if name == "run.json" else data)
+    raise RunError(f"{run_dir} records no label set (no run.json)", fix="point at a run directory taskling train wrote")
+
+
+def load_reference(run_dir: str | Path, config: MonitorConfig, embedder: Embedder | None = None) -> Reference:
+    """The run's reference; training embeddings are cached in `RUN_DIR/monitor/`."""
+    run_dir = Path(run_dir)
+    train_file = run_dir / "data" / "train.jsonl"
+    if not train_file.is_file():
+        raise RunError(f"{train_file} does not exist", fix="monitor a run directory written by taskling train")
+    labels = run_labels(run_dir)
+    train = load_file(train_file).examples
+    val_file = run_dir / "data" / "validation.jsonl"
+    validation = load_file(val_file).examples if val_file.is_file() else []
+    embedder = embedder or get_embedder(config.embedder)
+    cache = run_dir / "monitor"
+    t_emb = _cached_embeddings(
+        cache / f"train-{config.embedder}.npz", content_hash(train), [ex.text for ex in train], embedder
+    )
+    v_emb = _cached_embeddings(
+        cache / f"validation-{config.embedder}.npz", content_hash(validation), [ex.text for ex in validation], embedder
+    )
+    ref = build_reference(train, validation, labels, embedder, config, train_embeddings=t_emb, val_embeddings=v_emb)
+    calibration = cache / CALIBRATION_FILE
+    if calibration.is_file():
+        cal = json.loads(calibration.read_text())
+        ref.confidence, ref.low_margin_share = cal["confidence"], cal["low_margin_share"]
+        ref.confidence_source = f"validation answers ({calibration})"
+    return ref
+
+
+def confidence_profile(probabilities: Sequence[dict[str, float]], low_margin: float) -> tuple[float, float]:
+    """(mean top probability, share of answers with margin below `low_margin`)."""
+    tops, margins = _top_and_margin(probabilities)
+    return float(tops.mean()), float((margins < low_margin).mean())
+
+
+def calibrate(run_dir: str | Path, probabilities: Sequence[dict[str, float]], config: MonitorConfig) -> Path:
+    """Record the model's confidence on validation data as the monitor's reference."""
+    confidence, low = confidence_profile(probabilities, config.low_margin)
+    out = Path(run_dir) / "monitor" / CALIBRATION_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "confidence": confidence,
+        "low_margin_share": low,
+        "low_margin": config.low_margin,
+        "n": len(probabilities),
+    }
+    write_text(out, json.dumps(payload, indent=2))
+    return out
+
+
+def _top_and_margin(probabilities: Sequence[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+    tops, margins = [], []
+    for probs in probabilities:
+        values = sorted(probs.values(), reverse=True) or [0.0]
+        tops.append(values[0])
+        margins.append(values[0] - (values[1] if len(values) > 1 else 0.0))
+    return np.array(tops, dtype=np.float64), np.array(margins, dtype=np.float64)

@@ -1,0 +1,382 @@
+"""Preference refinement after SFT: build chosen/rejected pairs, run DPO, let the gate decide.
+
+`build_pairs` runs a trained run (classification or extraction) over its own training rows
+and writes a pair for every mistake: the gold answer chosen, the model's answer rejected.
+A teacher file (rows with the teacher's answer) adds a pair wherever the model disagrees
+with the teacher. For classification, `margin_below` also pairs right-but-unsure answers
+with their runner-up label. Pairs are JSONL: `{"text", "chosen", "rejected", "source"}`,
+where an answer is a label, or for extraction the record's JSON text.
+
+`dpo` refines the run's LoRA adapter with the DPO loss (sigmoid, `beta`) and writes a new
+run directory. The reference policy is the SFT model itself: the same adapter as loaded,
+before any DPO step; since it never changes, its log-probabilities are computed once up
+front, which costs one forward pass per answer and no second copy of the model. (Running the
+reference with the adapter disabled, peft's `disable_adapter()`, would make the reference the
+pre-SFT base model, not the SFT policy DPO is meant to stay close to.) Answers are scored
+on exactly the token ids that training and the
+constrained decoders use (`ChatFormat.answer_ids`, `RecordFormat.answer_ids`), end-of-turn
+included. This is a plain loop rather than trl's DPOTrainer on purpose: trl 1.16 installs
+cleanly beside transformers 5.23 and peft 0.21, but DPOTrainer tokenizes prompt and
+completion itself (and pulls in `datasets`), so its answers would not be the token
+sequences our constrained scorer ranks; the loss itself is a few lines.
+
+`compare` scores the SFT run and the DPO run on a gold file and writes `dpo_report.json`:
+accuracy and per-category (or per-field) accuracy before and after, and the gate's verdict
+(`bar.gate`, the DPO run as candidate, the SFT run as reference).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from taskling.data.load import load_file
+from taskling.errors import DataError, RunError
+from taskling.io import write_jsonl, write_text
+from taskling.train.sft import _save_adapter, answer_logits, collate
+
+log = logging.getLogger(__name__)
+
+
+def run_kind(run_dir: str | Path) -> str:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a finished run (no run.json)", fix="train first")
+    return str(json.loads(path.read_text()).get("kind", "classification"))
+
+
+# ---------------------------------------------------------------- pairs
+
+
+def _teacher_rows(path: Path, run_dir: Path, kind: str, task: Any) -> list[tuple[str, str]]:
+    if kind == "classification":
+        return [(ex.text, ex.label) for ex in load_file(path, task).examples]
+    from taskling.extract.schema import load_records
+
+    return [(ex.text, task.render(ex.record)) for ex in load_records([path], task).examples]
+
+
+def build_pairs(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    data: str | Path | None = None,
+    teacher: str | Path | None = None,
+    margin_below: float = 0.0,
+    limit: int | None = None,
+) -> tuple[Path, dict[str, int]]:
+    """Write chosen/rejected pairs from the run's mistakes on `data` (default: its training rows)."""
+    run_dir = Path(run_dir)
+    kind = run_kind(run_dir)
+    data = Path(data) if data else run_dir / "data" / "train.jsonl"
+    pairs: list[dict[str, Any]] = []
+    task: Any  # a Task or an ExtractionTask
+    if kind == "classification":
+        from taskling.serve.classifier import Classifier
+
+        clf = Classifier.from_run(run_dir)
+        task = clf.task
+        rows = [(ex.text, ex.label) for ex in load_file(data, task).examples][:limit]
+
+        def answers(texts: list[str]) -> list[tuple[str, str | None]]:
+            out = []
+            for p in clf.predict(texts):
+                runner = sorted(p.probabilities, key=lambda k: -p.probabilities[k])[1:2]
+                out.append((p.label, runner[0] if runner and p.margin < margin_below else None))
+            return out
+    else:
+        from taskling.extract.extractor import Extractor
+        from taskling.extract.schema import load_records
+
+        ext = Extractor.from_run(run_dir)
+        task = ext.task
+        rows = [(ex.text, task.render(ex.record)) for ex in load_records([data], task).examples][:limit]
+
+        def answers(texts: list[str]) -> list[tuple[str, str | None]]:
+            return [(task.render(e.record), None) for e in ext.extract(texts)]
+
+    for (text, gold), (said, runner) in zip(rows, answers([t for t, _ in rows]), strict=True):
+        if said != gold:
+            pairs.append({"text": text, "chosen": gold, "rejected": said, "source": "sft_mistake"})
+        elif runner is not None:
+            pairs.append({"text": text, "chosen": gold, "rejected": runner, "source": "low_margin"})
+    if teacher is not None:
+        taught = _teacher_rows(Path(teacher), run_dir, kind, task)[:limit]
+        for (text, theirs), (said, _) in zip(taught, answers([t for t, _ in taught]), strict=True):
+            if said != theirs:
+                pairs.append({"text": text, "chosen": theirs, "rejected": said, "source": "teacher_disagreement"})
+    out_path = Path(out) if out else run_dir / "pairs.jsonl"
+    write_jsonl(out_path, pairs)
+    counts = {"rows": len(rows), "pairs": len(pairs)}
+    for pair in pairs:
+        counts[pair["source"]] = counts.get(pair["source"], 0) + 1
+    return out_path, counts
+
+
+# ---------------------------------------------------------------- DPO
+
+
+def sequence_logps(base_model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of answer-token log-probabilities per row (labels -100 elsewhere)."""
+    logits, targets, keep = answer_logits(base_model, batch)
+    token_lp = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(keep.shape[0], device=token_lp.device, dtype=token_lp.dtype).index_add(0, rows, token_lp)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigmoid DPO loss (Rafailov et al. 2023) and the implicit reward margins."""
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    return -F.logsigmoid(margin).mean(), margin.detach()
+
+
+@dataclass
+class DPOResult:
+    run_dir: Path
+    pairs: int
+    steps: int
+    first_loss: float
+    last_loss: float
+    reward_accuracy: float  # share of pairs whose implicit reward prefers the chosen answer, after training
+
+
+def _read_pairs(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"{path} does not exist", path=path, fix="build pairs first: taskling pairs RUN_DIR")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pairs.append({k: str(row[k]) for k in ("text", "chosen", "rejected")})
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(
+                f"not a pair ({err})", path=path, line=number, fix='each line: {"text", "chosen", "rejected"}'
+            ) from None
+    if not pairs:
+        raise DataError(f"{path} holds no pairs", path=path, fix="the SFT run made no mistakes to learn from")
+    return pairs
+
+
+def _tokenize_pairs(
+    run_dir: Path, kind: str, pairs: list[dict[str, str]], path: Path
+) -> list[tuple[list[int], list[int], list[int]]]:
+    from taskling.serve.classifier import read_manifest, run_format
+
+    if kind == "classification":
+        fmt: Any = run_format(run_dir, read_manifest(run_dir))
+
+        def answer(text: str) -> list[int]:
+            if text not in fmt.task.labels:
+                raise ValueError(f"{text!r} is not a label of the task")
+            return list(fmt.answer_ids(text))
+    else:
+        from taskling.extract.extractor import read_extraction_manifest, run_record_format
+
+        fmt = run_record_format(run_dir, read_extraction_manifest(run_dir))
+
+        def answer(text: str) -> list[int]:
+            return fmt.answer_ids(fmt.task.parse(text))
+
+    out = []
+    for number, pair in enumerate(pairs, start=1):
+        try:
+            out.append((fmt.prompt_ids(pair["text"]), answer(pair["chosen"]), answer(pair["rejected"])))
+        except ValueError as err:
+            raise DataError(f"pair answer does not fit the task: {err}", path=path, line=number) from None
+    return out
+
+
+def dpo(
+    run_dir: str | Path,
+    pairs_path: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    beta: float = 0.1,
+    learning_rate: float = 5e-5,
+    epochs: float = 1.0,
+    batch_size: int = 4,
+    max_steps: int | None = None,
+    seed: int = 0,
+) -> DPOResult:
+    """Refine the run's adapter on preference pairs; writes a new run directory (default RUN_DIR-dpo)."""
+    from peft import PeftModel
+
+    from taskling.model.loader import default_device, load_model
+    from taskling.serve.classifier import base_path
+
+    run_dir, pairs_path = Path(run_dir), Path(pairs_path)
+    kind = run_kind(run_dir)
+    manifest = json.loads((run_dir / "run.json").read_text())
+    pairs = _read_pairs(pairs_path)
+    rows = _tokenize_pairs(run_dir, kind, pairs, pairs_path)
+    out = Path(out_dir) if out_dir else run_dir.with_name(run_dir.name + "-dpo")
+    if out.resolve() == run_dir.resolve():
+        raise RunError("the DPO run directory must differ from the SFT run", fix="pass --out NEW_DIR")
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    device = default_device()
+    base = load_model(base_path(manifest), torch.float32, device)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"), is_trainable=True)
+    base_model = model.get_base_model()
+    pad_id: int = getattr(base_model.config, "pad_token_id", None) or 0
+
+    def logps(idx: Sequence[int], which: int) -> torch.Tensor:
+        batch = collate([(rows[i][0] + rows[i][which], [-100] * len(rows[i][0]) + rows[i][which]) for i in idx],
+                        pad_id, device)  # fmt: skip
+        return sequence_logps(base_model, batch)
+
+    # The reference policy is the SFT model: this very adapter before any DPO step. It never
+    # changes, so its log-probabilities are computed once. (The adapter disabled would be the
+    # pre-SFT base, and DPO would then be pulled back towards a model that never saw the task.)
+    model.eval()  # no dropout, so policy and reference agree exactly before the first step
+    with torch.no_grad():
+        ref = [(float(logps([i], 1)[0]), float(logps([i], 2)[0])) for i in range(len(rows))]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
+    per_epoch = math.ceil(len(rows) / batch_size)
+    total = max_steps or max(1, math.ceil(per_epoch * epochs))
+    history: list[dict[str, Any]] = []
+    step = 0
+    while step < total:
+        order = list(range(len(rows)))
+        random.Random(seed * 7919 + step).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ref_c = torch.tensor([ref[i][0] for i in idx], device=device)
+            ref_r = torch.tensor([ref[i][1] for i in idx], device=device)
+            loss, margin = dpo_loss(logps(idx, 1), logps(idx, 2), ref_c, ref_r, beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            step += 1
+            record = {"step": step, "loss": loss.item(), "reward_accuracy": float((margin > 0).float().mean())}
+            history.append(record)
+            log.info("dpo step %d/%d: loss %.4f", step, total, record["loss"])
+            if step >= total:
+                break
+    with torch.no_grad():
+        after = [float(logps([i], 1)[0] - logps([i], 2)[0]) - (ref[i][0] - ref[i][1]) for i in range(len(rows))]
+    _write_run(run_dir, out, model, manifest, pairs_path, len(rows), history, beta, learning_rate)
+    result = DPOResult(
+        run_dir=out,
+        pairs=len(rows),
+        steps=step,
+        first_loss=history[0]["loss"],
+        last_loss=history[-1]["loss"],
+        reward_accuracy=sum(a > 0 for a in after) / len(after),
+    )
+    write_text(
+        out / "dpo.json",
+        json.dumps(
+            {
+                **{k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()},
+                "beta": beta,
+                "learning_rate": learning_rate,
+                "parent": str(run_dir),
+            },
+            indent=2,
+        ),
+    )
+    return result
+
+
+def _write_run(
+    parent: Path,
+    out: Path,
+    model: Any,
+    manifest: dict[str, Any],
+    pairs_path: Path,
+    n_pairs: int,
+    history: list[dict[str, Any]],
+    beta: float,
+    learning_rate: float,
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer", "data"):
+        if (parent / name).is_dir():
+            shutil.copytree(parent / name, out / name, dirs_exist_ok=True)
+    if (parent / "config.yaml").is_file():
+        shutil.copy2(parent / "config.yaml", out / "config.yaml")
+    shutil.copy2(pairs_path, out / "pairs.jsonl") if pairs_path.resolve() != (out / "pairs.jsonl").resolve() else None
+    _save_adapter(out, model)
+    manifest = {**manifest, "dpo": {"parent": str(parent), "pairs": n_pairs, "beta": beta, "lr": learning_rate}}
+    write_text(out / "run.json", json.dumps(manifest, indent=2))
+    write_jsonl(out / "history.jsonl", history)
+
+
+# ---------------------------------------------------------------- did it help?
+
+
+def compare(sft_run: str | Path, dpo_run: str | Path, gold: str | Path) -> dict[str, Any]:
+    """Score both runs on `gold`; per-category (per-field) change and the gate's verdict."""
+    from taskling.evaluate.gate import gate, load_predictions, write_verdict
+
+    sft_run, dpo_run = Path(sft_run), Path(dpo_run)
+    kind = run_kind(dpo_run)
+    sft_out = dpo_run / "compare" / "sft"
+    if kind == "classification":
+        from taskling.evaluate.metrics import evaluate
+
+        before = evaluate(sft_run, gold, out_dir=sft_out).metrics.to_dict()
+        after = evaluate(dpo_run, gold).metrics.to_dict()
+        labels = before["confusion_labels"][:-1]
+        verdict = gate(load_predictions(dpo_run), load_predictions(sft_out, labels=labels, name=sft_run.name))
+        verdicts = {"label": verdict}
+    else:
+        from taskling.evaluate.extraction import evaluate_extraction
+
+        before = evaluate_extraction(sft_run, gold, out_dir=sft_out).metrics
+        after = evaluate_extraction(dpo_run, gold).metrics
+        verdicts = {
+            name: gate(
+                load_predictions(dpo_run / "fields" / name, name=f"{dpo_run.name}:{name}"),
+                load_predictions(sft_out / "fields" / name, name=f"{sft_run.name}:{name}"),
+            )
+            for name in sorted(p.name for p in (dpo_run / "fields").iterdir())
+        }
+    for name, verdict in verdicts.items():
+        write_verdict(verdict, dpo_run / ("gate.json" if name == "label" else f"fields/{name}/gate.json"))
+    per = {
+        key: {
+            "before": before["per_category"][key]["accuracy"],
+            "after": after["per_category"][key]["accuracy"],
+            "delta": after["per_category"][key]["accuracy"] - before["per_category"][key]["accuracy"],
+            "support": before["per_category"][key]["support"],
+        }
+        for key in before["per_category"]
+    }
+    report = {
+        "kind": kind,
+        "gold_file": str(gold),
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "per_category": per,
+        "helped": [k for k, v in per.items() if v["delta"] > 0],
+        "hurt": [k for k, v in per.items() if v["delta"] < 0],
+        "gate": {
+            name: {"passed": v.passed, "assessment": v.assessment, "p_value": v.p_value} for name, v in verdicts.items()
+        },
+        "gate_passed": all(v.passed for v in verdicts.values()),
+    }
+    write_text(dpo_run / "dpo_report.json", json.dumps(report, indent=2))
+    return report
