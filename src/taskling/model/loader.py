@@ -271,3 +271,9 @@ class ChatFormat:
         prompt = self.prompt_ids(text)
         answer = self.answer_ids(label)
         return prompt + answer, [-100] * len(prompt) + answer
+
+
+def base_path(manifest: dict[str, Any]) -> str:
+    """Where a run's base model is: the path it was trained from, or its id resolved again if that path is gone."""
+    path = str(manifest["base_model_path"])
+    return path if Path(path).exists() else resolve_base(manifest["base_model"])

@@ -51,7 +51,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from taskling.errors import RunError
-from taskling.model.loader import ChatFormat, default_device, load_model, load_tokenizer, pick_dtype, resolve_base
+from taskling.model.loader import (
+    ChatFormat,
+    base_path,
+    default_device,
+    load_model,
+    load_tokenizer,
+    pick_dtype,
+)
 from taskling.task import Task
 
 log = logging.getLogger(__name__)
@@ -405,11 +412,6 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
             fix="re-save the adapter with safe_serialization=True; pickled .bin weights are not loaded",
         )
     return dict(json.loads(manifest_path.read_text()))
-
-
-def base_path(manifest: dict[str, Any]) -> str:
-    path = str(manifest["base_model_path"])
-    return path if Path(path).exists() else resolve_base(manifest["base_model"])
 
 
 def run_format(run_dir: str | Path, manifest: dict[str, Any]) -> ChatFormat:
