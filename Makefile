@@ -6,7 +6,7 @@ STAMP := $(VENV)/.taskling-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-smoke docs clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,14 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/cpu.py
+
+# Every bench script on a tiny random model and tiny data: checks they all still run (seconds each).
+bench-smoke: setup
+	$(BIN)/python -m pytest -q tests/test_bench_scripts.py
+
+# Regenerate the CLI reference from the commands' --help (tests/test_docs.py fails when it drifts).
+docs: setup
+	$(BIN)/python -m taskling.cli.reference > docs/cli.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

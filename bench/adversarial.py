@@ -1,15 +1,15 @@
 """Adversarial messages through `Classifier.predict`: is any answer outside the label set?
 
     python bench/adversarial.py [--n 10000] [--run RUN_DIR]
+    python bench/adversarial.py --smoke      # 300 messages, a fresh tiny run
 
-Without --run it uses the tiny trained test model (bench/tinyrun.py): the point is the
+Without --run it uses the tiny trained test model (bench/common.py's `tiny_run`): the point is the
 guarantee (constrained decoding answers only labels; long inputs are cut by the rule in
 `ChatFormat.prompt_ids`), which holds for any weights. Prints one row per kind of attack.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -17,26 +17,25 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import torch
 from rich.console import Console
 from rich.table import Table
-from tinyrun import tiny_run
 
 from adversarial_inputs import adversarial_messages
+from common import bench_parser, tiny_run, work_dir
 from taskling.serve.classifier import Classifier
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = bench_parser(__doc__)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--run", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.smoke:
+        args.n = 300
     torch.set_num_threads(1)
-    run = args.run or tiny_run()
+    run = args.run or tiny_run(work_dir("adversarial") if args.smoke else None)
     clf = Classifier.from_run(run, threads=1)
     labels = set(clf.task.labels)
     budget = clf.fmt.max_length - clf.fmt.max_answer_length
@@ -71,7 +70,7 @@ def main() -> None:
             str(int(max(r["chars"]))),
             f"{tok} (budget {budget})" if tok != "-" else "-",
         )
-    Console().print(table)
+    Console(width=120).print(table)
     print(f"answers outside the label set: {total_outside} / {args.n}")
     sys.exit(1 if total_outside else 0)
 

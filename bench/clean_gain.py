@@ -2,9 +2,10 @@
 `taskling distill` output, and score both on the same gold set.
 
     python bench/clean_gain.py [--flip-rate 0.1] [--minilm] [--data ../shared/data/clinc150]
+    python bench/clean_gain.py --smoke        # the 8-intent fixture subset, seconds
 
 Noisy logs come from the 15,000 CLINC150 train rows (150 intents) via
-tests/noisy_logs.py: flipped labels (--flip-rate), invented labels, low confidences,
+bench/noisy_logs.py: flipped labels (--flip-rate), invented labels, low confidences,
 exact and near duplicates, conflicting labels, and copies of gold rows. Gold is the
 4,500-row CLINC150 test split, frozen with a manifest so distill rejects the copies.
 "Raw" trains on every parsed log row as the teacher answered it (invented labels become
@@ -14,9 +15,7 @@ softmax regression, and with --minilm all-MiniLM-L6-v2 embeddings + softmax regr
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
+from common import bench_parser, clinc_dir
 from noisy_logs import load_pairs, make_noisy_logs
-from taskling.data.clean import CleanConfig, _fit_predict, normalize
+from taskling.data.clean import CleanConfig, _fit_predict
+from taskling.data.dedupe import normalize
 from taskling.data.distill import DistillConfig, distill, read_logs
 from taskling.data.load import load_file
 from taskling.data.split import SplitConfig, _freeze_gold
@@ -56,15 +55,16 @@ def accuracy(kind: str, train: list[tuple[str, str]], gold: list[tuple[str, str]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/clinc150")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--data", type=Path, default=None, help="CLINC150 folder (default: as demo finds it)")
     parser.add_argument("--flip-rate", type=float, default=0.1)
     parser.add_argument("--minilm", action="store_true", help="also MiniLM embeddings (slow on a busy CPU)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    data = clinc_dir(args.data, args.smoke)
 
-    rows = load_pairs(args.data / "train.jsonl")
-    gold = load_file(args.data / "test.jsonl").examples
+    rows = load_pairs(data / "train.jsonl")
+    gold = load_file(data / "test.jsonl").examples
     labels = sorted({y for _, y in rows})
     n = len(rows)
     logs = make_noisy_logs(
@@ -80,8 +80,8 @@ def main() -> None:
         near_dups=n // 20,
         conflicts=n // 100,
         flips=int(n * args.flip_rate),
-        gold_exact=300,
-        gold_near=200,
+        gold_exact=min(300, len(gold) // 15),
+        gold_near=min(200, len(gold) // 20),
     )
     root = Path(tempfile.mkdtemp(prefix="clean-gain-"))
     (root / "gold").mkdir()

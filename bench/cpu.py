@@ -3,6 +3,7 @@
     python bench/cpu.py                  # runs/demo if trained, else a short training run first
     python bench/cpu.py --levers         # also: dtype, attention kernel, prefix cache, batch size, int8, compile
     python bench/cpu.py --run RUN_DIR --threads 2 --repeats 50
+    python bench/cpu.py --smoke          # a fresh tiny random run, 3 repeats: checks the script runs
 
 Everything runs on the bundled SmolLM2-135M with `torch.set_num_threads(--threads)`, after
 warm-up, repeated; latency is for one ~30-word message at batch 1, throughput for CLINC150
@@ -13,7 +14,6 @@ The load average is printed: other processes on the machine slow every number he
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -29,10 +29,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from common import bench_parser, clinc_dir, clinc_texts, tiny_run, work_dir
 from taskling.config import build_config
 from taskling.data.demo import INSTRUCTION, find_clinc, pick_intents
-from taskling.model.loader import load_model, pick_dtype
-from taskling.serve.classifier import Classifier, base_path, read_manifest, run_format
+from taskling.model.loader import base_path, load_model, pick_dtype
+from taskling.rundir import RunDir, read_manifest
+from taskling.serve.classifier import Classifier, run_format
 
 MESSAGE = (
     "hey so I was looking at my checking account this morning and I want to know what the current "
@@ -67,8 +69,8 @@ def find_or_train_run(explicit: str | None) -> tuple[Path, float | None]:
     """The run to measure and its training tokens/s (None when unknown)."""
     candidates = [Path(explicit)] if explicit else [Path("runs/demo"), Path("runs/bench-cpu")]
     for run in candidates:
-        if (run / "run.json").is_file() and (run / "adapter").is_dir():
-            summary = run / "train_summary.json"
+        if RunDir(run).is_finished():
+            summary = RunDir(run).summary
             rate = json.loads(summary.read_text()).get("tokens_per_second") if summary.is_file() else None
             return run, rate
     if explicit:
@@ -100,11 +102,8 @@ def find_or_train_run(explicit: str | None) -> tuple[Path, float | None]:
     return result.run_dir, result.tokens_per_second
 
 
-def gold_texts(run: Path, n: int) -> list[str]:
-    labels = set(read_manifest(run)["task"]["labels"])
-    rows = [json.loads(line) for line in (find_clinc() / "test.jsonl").read_text().splitlines()]
-    texts = [r["text"] for r in rows if r["label"] in labels] or [r["text"] for r in rows]
-    return (texts * (n // max(len(texts), 1) + 1))[:n]
+def gold_texts(run: Path, n: int, smoke: bool = False) -> list[str]:
+    return clinc_texts(clinc_dir(None, smoke), n, read_manifest(run)["task"]["labels"])
 
 
 def measure_classifier(clf: Classifier, texts: list[str], repeats: int, batch: int = 32) -> dict[str, float]:
@@ -131,7 +130,7 @@ def stock_generate(run: Path, dtype: torch.dtype) -> tuple[Callable[[list[str]],
 
     manifest = read_manifest(run)
     fmt = run_format(run, manifest)
-    model = PeftModel.from_pretrained(load_model(base_path(manifest), dtype), str(run / "adapter")).eval()
+    model = PeftModel.from_pretrained(load_model(base_path(manifest), dtype), str(RunDir(run).adapter)).eval()
     tok = fmt.tokenizer
     new_tokens = fmt.max_answer_length
 
@@ -207,7 +206,7 @@ def levers(run: Path, texts: list[str], repeats: int, with_compile: bool) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--run", help="a trained run (default: runs/demo, else a short training run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
@@ -215,10 +214,16 @@ def main() -> None:
     parser.add_argument("--levers", action="store_true", help="also measure dtype, attention, cache, batch")
     parser.add_argument("--compile", action="store_true", help="with --levers: also torch.compile")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.texts = 3, 16
     torch.set_num_threads(args.threads)
 
-    run, train_rate = find_or_train_run(args.run)
-    texts = gold_texts(run, args.texts)
+    if args.smoke and not args.run:
+        run = tiny_run(work_dir("cpu"), max_steps=4)
+        train_rate = json.loads(RunDir(run).summary.read_text()).get("tokens_per_second")
+    else:
+        run, train_rate = find_or_train_run(args.run)
+    texts = gold_texts(run, args.texts, args.smoke)
     console.print(f"run {run}; torch threads {torch.get_num_threads()}; load average {os.getloadavg()}")
 
     clf = Classifier.from_run(run, device="cpu")
@@ -229,15 +234,16 @@ def main() -> None:
     del clf
     stock = measure_stock(run, pick_dtype("auto"), texts, args.repeats)
 
-    metrics = Path(run) / "metrics.json"
-    demo_metrics = Path("runs/demo/metrics.json")
+    metrics = RunDir(run).metrics
+    demo_metrics = RunDir("runs/demo").metrics
     accuracy = "run make demo"
     for path in (demo_metrics, metrics):
         if path.is_file():
             accuracy = f"{json.loads(path.read_text())['accuracy']:.2%} ({path})"
             break
 
-    table = Table(title=f"bench/cpu.py: bundled SmolLM2-135M, {dtype}, {args.threads} threads")
+    model_name = "tiny random Llama" if args.smoke else read_manifest(run)["base_model"]
+    table = Table(title=f"bench/cpu.py: {model_name}, {dtype}, {args.threads} threads")
     for col in ("measure", "value", "target"):
         table.add_column(col)
     table.add_row("training tokens/s", "unknown" if train_rate is None else f"{train_rate:.0f}", "")

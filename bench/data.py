@@ -1,6 +1,7 @@
 """Time dedupe and label-error detection on 100k rows built from CLINC150.
 
     python bench/data.py [--rows 100000] [--data ../shared/data/clinc150]
+    python bench/data.py --smoke             # 2,000 rows from the 8-intent fixture subset
 
 The 22,500 in-scope CLINC150 rows are repeated with exact variants (case, punctuation)
 and near variants (a small edit) up to --rows, and 5% of labels are flipped. Prints a
@@ -9,17 +10,15 @@ table of stage timings and what each stage found; the budget is 2 minutes on 2 c
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
+from common import bench_parser, clinc_dir
 from noisy_logs import EDITS, exact_variant
-from taskling.data.clean import CleanConfig, duplicate_clusters, find_label_issues, normalize
+from taskling.data.clean import CleanConfig, find_label_issues
+from taskling.data.dedupe import duplicate_clusters, normalize
 from taskling.data.load import Example
 
 
@@ -43,15 +42,16 @@ def build_rows(data: Path, n: int, seed: int) -> tuple[list[Example], set[int], 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = bench_parser(__doc__)
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/clinc150")
+    parser.add_argument("--data", type=Path, default=None, help="CLINC150 folder (default: as demo finds it)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     import torch
 
     threads = torch.get_num_threads()
-    examples, flipped, labels = build_rows(args.data, args.rows, args.seed)
+    rows = 2000 if args.smoke else args.rows
+    examples, flipped, labels = build_rows(clinc_dir(args.data, args.smoke), rows, args.seed)
     config = CleanConfig()
     table = []
 

@@ -1,6 +1,7 @@
 """Does DPO help? Pairs from an SFT run's mistakes, a DPO refinement, the gold set per category.
 
     python bench/dpo_refine.py SFT_RUN OUT_DIR [--rows 80 --gold-per-label 5 --beta 0.1 --lr 1e-4 --epochs 1]
+    python bench/dpo_refine.py --smoke       # a fresh tiny run, 24 rows, the clinc8 fixture gold
 
 SFT_RUN is copied into OUT_DIR/sft (it is never written to). Pairs come from the SFT model's
 answers on its first `--rows` training rows (mistakes, plus right answers with a margin
@@ -11,7 +12,6 @@ accuracy and the per-category (per-field) change, and the gate's verdict.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -20,29 +20,29 @@ from pathlib import Path
 
 import torch
 
-CLINC = Path("/work/shared/data/clinc150")
+from common import FIXTURES, bench_parser, clinc_dir, read_rows, tiny_run, work_dir, write_rows
+from taskling.rundir import read_manifest
 
 
 def clinc_gold(labels: list[str], per_label: int, out: Path) -> Path:
     taken: dict[str, int] = {}
     rows = []
-    for line in (CLINC / "test.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for row in read_rows(clinc_dir(None, smoke=False) / "test.jsonl"):
         if row["label"] in labels and taken.get(row["label"], 0) < per_label:
             taken[row["label"]] = taken.get(row["label"], 0) + 1
             rows.append(row)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
+    return write_rows(out, rows)
 
 
 def main(argv: list[str]) -> None:
     import logging
 
-    from taskling.train.dpo import build_pairs, compare, dpo
+    from taskling.evaluate.refine import compare
+    from taskling.train.dpo import build_pairs, dpo
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sft_run", type=Path)
-    parser.add_argument("out", type=Path)
+    parser = bench_parser(__doc__)
+    parser.add_argument("sft_run", type=Path, nargs="?")
+    parser.add_argument("out", type=Path, nargs="?")
     parser.add_argument("--rows", type=int, default=80)
     parser.add_argument("--gold", type=Path)
     parser.add_argument("--gold-per-label", type=int, default=5)
@@ -52,13 +52,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        work = work_dir("dpo")
+        args.sft_run, args.out = args.sft_run or tiny_run(work), args.out or work / "out"
+        args.gold, args.rows = args.gold or FIXTURES / "clinc8_gold.jsonl", 24
+    elif args.sft_run is None or args.out is None:
+        parser.error("SFT_RUN and OUT_DIR are required (or pass --smoke)")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO)
 
     sft = args.out / "sft"
     if not sft.exists():
         shutil.copytree(args.sft_run, sft, ignore=shutil.ignore_patterns("checkpoint*", "compare"))
-    manifest = json.loads((sft / "run.json").read_text())
+    manifest = read_manifest(sft, kind=None)
     gold = args.gold or clinc_gold(list(manifest["task"]["labels"]), args.gold_per_label, args.out / "gold.jsonl")
     started = time.perf_counter()
     pairs, counts = build_pairs(sft, args.out / "pairs.jsonl", margin_below=args.margin_below, limit=args.rows)

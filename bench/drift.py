@@ -1,6 +1,7 @@
 """Keep it honest after it ships: a drift simulation on CLINC150, end to end.
 
     python bench/drift.py [--data ../shared/data/clinc150] [--intents 20] [--window 200]
+    python bench/drift.py --smoke     # 8 fixture intents, hashing embeddings, small stream: seconds
 
 The "specialist" here is a cheap stand-in: logistic regression on all-MiniLM-L6-v2
 embeddings. The point is the monitor, the loop and the gate, not the model; every number
@@ -25,7 +26,6 @@ printed comes from that stand-in, never from a LoRA run. Embeddings are cached u
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -34,18 +34,27 @@ import random
 import re
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from taskling.data.gold import add_gold, load_version, score_on_gold
+from common import bench_parser, clinc_dir
+from taskling.data.gold import add_gold, load_version
 from taskling.data.load import Example, stratified_split, write_examples
 from taskling.io import write_jsonl
-from taskling.monitor.drift import MonitorConfig, calibrate, load_reference, monitor
-from taskling.monitor.retrain import SampleConfig, new_training_version, read_registry, retrain, sample_rows
+from taskling.monitor.drift import MonitorConfig, calibrate, hashing_embedder, load_reference, monitor
+from taskling.monitor.retrain import (
+    SampleConfig,
+    new_training_version,
+    read_registry,
+    retrain,
+    sample_rows,
+    score_on_gold,
+)
+from taskling.rundir import RunDir
 from taskling.serve.abstain import AbstainingClassifier, calibrate_threshold, oos_report
 from taskling.serve.classifier import Prediction
 from taskling.serve.predlog import LogRow, PredictionLog, default_url
@@ -56,24 +65,46 @@ CACHE = Path(os.environ.get("TASKLING_CACHE", Path.home() / ".cache" / "taskling
 # ---------------------------------------------------------------- cached embeddings
 
 
-class Embeddings:
-    """MiniLM vectors by text, cached on disk across runs."""
+@dataclass(frozen=True)
+class Sizes:
+    """How much traffic, gold and relabeling budget the simulation uses."""
 
-    def __init__(self) -> None:
-        self.path = CACHE / "embeddings.pkl"
-        self.vectors: dict[str, np.ndarray] = pickle.loads(self.path.read_bytes()) if self.path.is_file() else {}
+    before: int = 1000  # in-distribution requests
+    after: int = 2000  # shifted requests
+    gold_per_label: int = 15
+    sample_from: int = 1000  # shifted requests the loop samples from
+    budget: int = 300  # rows sent for relabeling
+    held: int = 1000  # held-out shifted requests for the accuracy table
+
+
+SMOKE = Sizes(before=150, after=300, gold_per_label=5, sample_from=150, budget=40, held=150)
+
+
+def minilm(texts: Sequence[str]) -> np.ndarray:
+    from taskling.model.embed import embed
+
+    return embed(list(texts), batch_size=128)
+
+
+class Embeddings:
+    """Vectors by text (MiniLM by default), cached on disk across runs when `cache` is set."""
+
+    def __init__(self, fn: Callable[[Sequence[str]], np.ndarray] = minilm, cache: Path | None = CACHE) -> None:
+        self.fn, self.path = fn, cache / "embeddings.pkl" if cache else None
+        self.vectors: dict[str, np.ndarray] = {}
+        if self.path is not None and self.path.is_file():
+            self.vectors = pickle.loads(self.path.read_bytes())
         self.computed = 0
 
     def __call__(self, texts: list[str] | Any) -> np.ndarray:
-        from taskling.model.embed import embed
-
         missing = sorted({t for t in texts if t not in self.vectors})
         if missing:
-            for t, v in zip(missing, embed(missing, batch_size=128), strict=True):
+            for t, v in zip(missing, self.fn(missing), strict=True):
                 self.vectors[t] = v
             self.computed += len(missing)
-            CACHE.mkdir(parents=True, exist_ok=True)
-            self.path.write_bytes(pickle.dumps(self.vectors))
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_bytes(pickle.dumps(self.vectors))
         return np.stack([self.vectors[t] for t in texts]) if len(texts) else np.zeros((0, 384), np.float32)
 
 
@@ -112,17 +143,17 @@ def trainer(labels: list[str], embed: Embeddings, noise: float = 0.0) -> Any:
             rng = random.Random(0)
             rows = [Example(ex.text, rng.choice(labels)) if rng.random() < noise else ex for ex in rows]
         train, validation = stratified_split(rows, 0.1, seed=0)
-        write_examples(run_dir / "data" / "train.jsonl", train)
-        write_examples(run_dir / "data" / "validation.jsonl", validation)
+        write_examples(RunDir(run_dir).train_data, train)
+        write_examples(RunDir(run_dir).validation_data, validation)
         (run_dir / "model.pkl").write_bytes(pickle.dumps(fit(rows, embed)))
-        (run_dir / "run.json").write_text(json.dumps({"task": {"labels": labels}}))
+        RunDir(run_dir).manifest.write_text(json.dumps({"task": {"labels": labels}}))
 
     return train
 
 
 def loader(embed: Embeddings) -> Any:
     def load(run_dir: Path) -> EmbeddingLR:
-        labels = json.loads((run_dir / "run.json").read_text())["task"]["labels"]
+        labels = json.loads(RunDir(run_dir).manifest.read_text())["task"]["labels"]
         return EmbeddingLR(labels, pickle.loads((run_dir / "model.pkl").read_bytes()), embed)
 
     return load
@@ -151,7 +182,7 @@ def read(data: Path, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (data / name).read_text().splitlines()]
 
 
-def build(data: Path, n_intents: int, seed: int) -> dict[str, Any]:
+def build(data: Path, n_intents: int, seed: int, sizes: Sizes) -> dict[str, Any]:
     rng = random.Random(seed)
     all_labels = (data / "LABELS.txt").read_text().split()
     labels = sorted(rng.sample(all_labels, n_intents))
@@ -167,9 +198,10 @@ def build(data: Path, n_intents: int, seed: int) -> dict[str, Any]:
     gold_pool, stream_pool = [], []
     for label in labels:
         rows = [ex for ex in test if ex.label == label]
-        gold_pool += rows[:15]
-        stream_pool += rows[15:]
+        gold_pool += rows[: sizes.gold_per_label]
+        stream_pool += rows[sizes.gold_per_label :]
     oos = read(data, "oos.jsonl")
+    oos_test = [r["text"] for r in oos if r["split"] == "test"]
     return {
         "labels": labels,
         "growing": growing,
@@ -178,8 +210,8 @@ def build(data: Path, n_intents: int, seed: int) -> dict[str, Any]:
         "gold_pool": gold_pool,
         "stream_pool": stream_pool,
         "growing_pool": g_train[5:],  # unseen rows of the growing intent, for the shifted stream
-        "oos_stream": [r["text"] for r in oos if r["split"] == "test"][:500],
-        "oos_eval": [r["text"] for r in oos if r["split"] == "test"][500:],
+        "oos_stream": oos_test[: len(oos_test) // 2],
+        "oos_eval": oos_test[len(oos_test) // 2 :],
     }
 
 
@@ -209,7 +241,9 @@ def stream(sim: dict[str, Any], n: int, shifted: bool, rng: random.Random, pool:
 # ---------------------------------------------------------------- the three parts
 
 
-def part_stream(sim: dict[str, Any], embed: Embeddings, work: Path, window: int, seed: int) -> dict[str, Any]:
+def part_stream(
+    sim: dict[str, Any], embed: Embeddings, work: Path, window: int, seed: int, sizes: Sizes, config: MonitorConfig
+) -> dict[str, Any]:
     labels = sim["labels"]
     prod = work / "runs" / "prod"
     train_file = work / "prod_train.jsonl"
@@ -219,7 +253,7 @@ def part_stream(sim: dict[str, Any], embed: Embeddings, work: Path, window: int,
     val = sim["validation"]
     calibrate(prod, [p.probabilities for p in model.predict([ex.text for ex in val])], MonitorConfig())
     rng = random.Random(seed)
-    before, after = stream(sim, 1000, False, rng), stream(sim, 2000, True, rng)
+    before, after = stream(sim, sizes.before, False, rng), stream(sim, sizes.after, True, rng)
     requests = before + after
     t0 = time.time() - len(requests) - 10
     preds = model.predict([ex.text for ex in requests])
@@ -231,7 +265,6 @@ def part_stream(sim: dict[str, Any], embed: Embeddings, work: Path, window: int,
         ]
     )
     plog.close()
-    config = MonitorConfig(embedder="minilm")
     windows = []
     for end in range(window, len(requests) + 1, 50):
         report = monitor(prod, since=t0 + end - window - 0.5, now=t0 + end - 0.5, config=config, embedder=embed)
@@ -264,7 +297,9 @@ def part_stream(sim: dict[str, Any], embed: Embeddings, work: Path, window: int,
     }
 
 
-def part_loop(sim: dict[str, Any], embed: Embeddings, work: Path, s: dict[str, Any], seed: int) -> dict[str, Any]:
+def part_loop(
+    sim: dict[str, Any], embed: Embeddings, work: Path, s: dict[str, Any], seed: int, sizes: Sizes
+) -> dict[str, Any]:
     labels, prod = sim["labels"], s["prod"]
     gold_root = work / "gold"
     write_examples(work / "gold_v1.jsonl", sim["gold_pool"])
@@ -282,17 +317,17 @@ def part_loop(sim: dict[str, Any], embed: Embeddings, work: Path, s: dict[str, A
             "probability": p.probability,
             "probabilities": p.probabilities,
         }
-        for i, p in enumerate(s["preds_after"][:1000])
+        for i, p in enumerate(s["preds_after"][: sizes.sample_from])
     ]
     truth = {ex.text: ex.label for ex in s["after"]}
     gold_rows = [*load_version(gold_root).rows]
-    picked = sample_rows(rows, ref, embed, gold_rows, SampleConfig(budget=300, seed=seed))
+    picked = sample_rows(rows, ref, embed, gold_rows, SampleConfig(budget=sizes.budget, seed=seed))
     write_jsonl(work / "relabeled.jsonl", ({"text": r["text"], "label": truth[r["text"]]} for r in picked.rows))
     version = new_training_version(
         work / "versions",
         [work / "relabeled.jsonl"],
         labels,
-        base_train=prod / "data" / "train.jsonl",
+        base_train=RunDir(prod).train_data,
         gold_roots=[gold_root],
     )
     registry = work / "runs" / "registry.json"
@@ -300,7 +335,7 @@ def part_loop(sim: dict[str, Any], embed: Embeddings, work: Path, s: dict[str, A
     common = {"production": prod, "gold": gold, "labels": labels, "registry": registry, "loader": loader(embed)}
     bad = retrain(version.train_file, work / "runs" / "bad", trainer=trainer(labels, embed, noise=0.4), **common)
     good = retrain(version.train_file, work / "runs" / "good", trainer=trainer(labels, embed), **common)
-    held = [ex for ex in stream(sim, 1000, True, random.Random(seed + 7), pool="gold_pool") if ex.label != "oos"]
+    held = [ex for ex in stream(sim, sizes.held, True, random.Random(seed + 7), pool="gold_pool") if ex.label != "oos"]
     accuracy = {}
     for name, run in (("production", prod), ("candidate", good.candidate), ("bad", bad.candidate)):
         predictor = loader(embed)(run)
@@ -364,14 +399,20 @@ def part_abstain(data: Path, embed: Embeddings, per_intent: int) -> dict[str, An
         results[f"{metric} >= {threshold.value:.3f} (max mean of accuracy and OOS recall)"] = oos_report(
             preds, [ex.label for ex in test], labels
         )
-    return {"results": results, "train_rows": len(train), "val_rows": len(val), "test_rows": len(test)}
+    return {
+        "results": results,
+        "labels": len(labels),
+        "train_rows": len(train),
+        "val_rows": len(val),
+        "val_oos": sum(ex.label == "oos" for ex in val),
+        "test_rows": len(test),
+        "test_oos": sum(ex.label == "oos" for ex in test),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
-    )
+    parser = bench_parser(__doc__)
+    parser.add_argument("--data", type=Path, default=None, help="CLINC150 folder (default: as demo finds it)")
     parser.add_argument("--intents", type=int, default=20)
     parser.add_argument("--window", type=int, default=200)
     parser.add_argument("--per-intent", type=int, default=30, help="training rows per intent for the abstention part")
@@ -382,13 +423,19 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    embed = Embeddings()
-    sim = build(args.data, args.intents, args.seed)
+    args.sizes = SMOKE if args.smoke else Sizes()
+    if args.smoke:  # hashing embeddings: no model to load, nothing cached
+        args.intents, args.window, args.per_intent = 8, 100, 5
+        embed, config = Embeddings(hashing_embedder, cache=None), MonitorConfig(embedder="hashing")
+    else:
+        embed, config = Embeddings(), MonitorConfig(embedder="minilm")
+    data = clinc_dir(args.data, args.smoke)
+    sim = build(data, args.intents, args.seed, args.sizes)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        s = part_stream(sim, embed, work, args.window, args.seed)
-        loop = part_loop(sim, embed, work, s, args.seed)
-    abstain = part_abstain(args.data, embed, args.per_intent)
+        s = part_stream(sim, embed, work, args.window, args.seed, args.sizes, config)
+        loop = part_loop(sim, embed, work, s, args.seed, args.sizes)
+    abstain = part_abstain(data, embed, args.per_intent)
     report(args, sim, s, loop, abstain)
     print(f"\n{time.perf_counter() - started:.0f} s; {embed.computed} texts embedded this run (the rest cached)")
 
@@ -398,11 +445,12 @@ def row(name: str, value: Any) -> None:
 
 
 def report(args: Any, sim: dict[str, Any], s: dict[str, Any], loop: dict[str, Any], abstain: dict[str, Any]) -> None:
-    print("\nstand-in specialist: logistic regression on all-MiniLM-L6-v2 embeddings (not a LoRA run)")
+    vectors = "hashing (--smoke)" if args.smoke else "all-MiniLM-L6-v2"
+    print(f"\nstand-in specialist: logistic regression on {vectors} embeddings (not a LoRA run)")
     print(f"{args.intents} CLINC150 intents, growing intent `{sim['growing']}` (5 training rows), seed {args.seed}")
     print(f"monitor window {args.window} requests, step 50, default MonitorConfig thresholds\n")
     print("| stream | value |\n|---|---|")
-    row("in-distribution requests, then shifted requests", f"{s['n_before']}, 2000")
+    row("in-distribution requests, then shifted requests", f"{s['n_before']}, {args.sizes.after}")
     row("windows before the shift that alarmed", f"{s['false_alarms']} of {s['quiet_windows']}")
     first = f"{s['first_alarm_after']} ({', '.join(s['first_alarm_checks'])})"
     row("first alarm, requests after the shift began (window end)", first)
@@ -411,7 +459,7 @@ def report(args: Any, sim: dict[str, Any], s: dict[str, Any], loop: dict[str, An
     row("production in-scope accuracy before / after the shift", f"{s['acc_before']:.1%} / {s['acc_after']:.1%}")
     print("\n| one loop | value |\n|---|---|")
     picked = f"{loop['sampled']}: {loop['sample_oos']} out-of-scope, {loop['sample_growing']} growing intent"
-    row("sampled for relabeling (budget 300)", f"{picked}; excluded {loop['excluded']}")
+    row(f"sampled for relabeling (budget {args.sizes.budget})", f"{picked}; excluded {loop['excluded']}")
     row("new training version", loop["version"])
     row("gold versions", f"v1 {loop['gold']['v1']}, v2 {loop['gold']['v2']}")
     for name in ("good", "bad"):
@@ -425,8 +473,9 @@ def report(args: Any, sim: dict[str, Any], s: dict[str, Any], loop: dict[str, An
     for name, acc in loop["accuracy"].items():
         print(f"| {name} | {acc['shifted']:.1%} | {acc['v1']:.1%} | {acc['v2']:.1%} |")
     print(
-        f"\nabstention, all 150 intents: {abstain['train_rows']} train rows; threshold calibrated on "
-        f"{abstain['val_rows']} validation rows (100 oos); scored on {abstain['test_rows']} (test + 1,000 oos)\n"
+        f"\nabstention, all {abstain['labels']} intents: {abstain['train_rows']} train rows; threshold calibrated "
+        f"on {abstain['val_rows']} validation rows ({abstain['val_oos']} oos); scored on {abstain['test_rows']} "
+        f"(test + {abstain['test_oos']:,} oos)\n"
     )
     print("| rule | in-scope accuracy | in-scope coverage | OOS recall |\n|---|---|---|---|")
     for name, r in abstain["results"].items():

@@ -1,21 +1,19 @@
 """Export a run to every format and print time, size and the fidelity checks as a table.
 
     python bench/export.py RUN_DIR [--formats merged,gguf:f16,gguf:q8_0,ollama:f16,vllm]
+    python bench/export.py --smoke           # a fresh tiny run, every format
 
 Exports go to a temporary directory that is removed afterwards.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import bench_parser, tiny_run, work_dir
 
 
 def main() -> None:
@@ -24,10 +22,14 @@ def main() -> None:
 
     from taskling.export.exporter import export
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
+    parser = bench_parser(__doc__)
+    parser.add_argument("run_dir", type=Path, nargs="?")
     parser.add_argument("--formats", default="merged,gguf:f16,gguf:q8_0,ollama:f16,vllm")
     args = parser.parse_args()
+    if args.run_dir is None:
+        if not args.smoke:
+            parser.error("RUN_DIR is required (or pass --smoke)")
+        args.run_dir = tiny_run(work_dir("export"), max_steps=4)
     logging.basicConfig(level=logging.WARNING)
 
     table = Table(title=f"taskling export of {args.run_dir}")
@@ -51,7 +53,7 @@ def main() -> None:
                 f"{labels['agree']}/{labels['texts']}" if labels else "-",
                 f"{labels['max_probability_diff']:.4f}" if labels else "-",
             )
-    Console().print(table)
+    Console(width=120).print(table)
     print("seconds include the checks (reloading and comparing); the machine's other load counts too")
 
 

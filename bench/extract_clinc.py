@@ -8,6 +8,7 @@ the gold records need no teacher and every field can be checked by eye.
 
     python bench/extract_clinc.py build OUT_DIR [--per-intent 40 --test-per-intent 10]
     python bench/extract_clinc.py run OUT_DIR [--model bundled:smollm2-135m --steps 60 --limit 80 --set train.threads=1]
+    python bench/extract_clinc.py run --smoke   # tiny random model, the extract8 fixture texts, 3 steps
 
 `build` writes OUT_DIR/{train,test}.jsonl, OUT_DIR/schema.json and OUT_DIR/extract.yaml;
 `run` builds, trains (`taskling extract-train`), evaluates (`taskling extract-eval`) and
@@ -16,7 +17,6 @@ prints a per-field table with the invalid-output rate.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from common import FIXTURES, bench_parser, read_rows, tiny_model, work_dir, write_rows
 
 CLINC = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
 if not CLINC.is_dir():
@@ -93,10 +95,9 @@ def schema() -> dict[str, Any]:
     }
 
 
-def _rows(split: str, per_intent: int, seed: int) -> list[dict[str, Any]]:
+def _rows(split: str, per_intent: int, seed: int, clinc: Path = CLINC) -> list[dict[str, Any]]:
     by_intent: dict[str, list[str]] = {k: [] for k in DOMAINS}
-    for line in (CLINC / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for row in read_rows(clinc / f"{split}.jsonl"):
         if row["label"] in by_intent:
             by_intent[row["label"]].append(row["text"])
     rng = random.Random(seed)
@@ -109,13 +110,14 @@ def _rows(split: str, per_intent: int, seed: int) -> list[dict[str, Any]]:
     return out
 
 
-def build(out: Path, per_intent: int = 40, test_per_intent: int = 10, seed: int = 0) -> dict[str, Path]:
+def build(
+    out: Path, per_intent: int = 40, test_per_intent: int = 10, seed: int = 0, clinc: Path = CLINC
+) -> dict[str, Path]:
     """Write train.jsonl, test.jsonl, schema.json and extract.yaml into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "schema": out / "schema.json"}
     for split, source, n in (("train", "train", per_intent), ("test", "test", test_per_intent)):
-        rows = _rows(source, n, seed)
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        write_rows(paths[split], _rows(source, n, seed, clinc))
     paths["schema"].write_text(json.dumps(schema(), indent=2))
     config = out / "extract.yaml"
     config.write_text(
@@ -130,7 +132,17 @@ def build(out: Path, per_intent: int = 40, test_per_intent: int = 10, seed: int 
     return paths
 
 
-def run(out: Path, model: str, steps: int, limit: int, per_intent: int, overrides: list[str]) -> None:
+def smoke_source(out: Path) -> Path:
+    """A CLINC150-shaped train/test pair from the extract8 fixtures' texts (their intents are DOMAINS')."""
+    for split in ("train", "test"):
+        rows = read_rows(FIXTURES / f"extract8_{split}.jsonl")
+        write_rows(out / f"{split}.jsonl", ({"text": r["text"], "label": r["record"]["intent"]} for r in rows))
+    return out
+
+
+def run(
+    out: Path, model: str, steps: int, limit: int, per_intent: int, overrides: list[str], clinc: Path = CLINC
+) -> None:
     import logging
 
     from taskling.evaluate.extraction import evaluate_extraction
@@ -138,7 +150,7 @@ def run(out: Path, model: str, steps: int, limit: int, per_intent: int, override
     from taskling.train.extraction import train_extraction
 
     logging.basicConfig(level=logging.INFO)
-    paths = build(out, per_intent=per_intent)
+    paths = build(out, per_intent=per_intent, test_per_intent=max(2, limit // len(DOMAINS)), clinc=clinc)
     config = load_extraction_config(
         paths["config"], [f"model.base={model}", f"train.max_steps={steps}", f"run_dir={out / 'run'}", *overrides]
     )
@@ -162,9 +174,9 @@ def run(out: Path, model: str, steps: int, limit: int, per_intent: int, override
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("command", choices=["build", "run"])
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, nargs="?")
     parser.add_argument("--per-intent", type=int, default=40)
     parser.add_argument("--test-per-intent", type=int, default=10)
     parser.add_argument("--model", default="bundled:smollm2-135m")
@@ -172,11 +184,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--limit", type=int, default=80)
     parser.add_argument("--set", action="append", default=[], help="config override key.path=value (repeatable)")
     args = parser.parse_args(argv)
+    clinc = CLINC
+    if args.smoke:
+        work = work_dir("extract")
+        args.out, clinc = args.out or work / "out", smoke_source(work / "clinc")
+        args.model, args.steps, args.limit, args.per_intent = str(tiny_model(work / "tiny")), 3, 8, 10
+        args.set = [*args.set, "train.threads=1", "model.max_length=256"]
+    elif args.out is None:
+        parser.error("OUT_DIR is required (or pass --smoke)")
     if args.command == "build":
-        for name, path in build(args.out, args.per_intent, args.test_per_intent).items():
+        for name, path in build(args.out, args.per_intent, args.test_per_intent, clinc=clinc).items():
             print(f"{name}: {path}")
     else:
-        run(args.out, args.model, args.steps, args.limit, args.per_intent, args.set)
+        run(args.out, args.model, args.steps, args.limit, args.per_intent, args.set, clinc)
 
 
 if __name__ == "__main__":

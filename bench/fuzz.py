@@ -1,6 +1,7 @@
 """The fuzz suite at full size: 10,000+ generated cases across loaders and server bodies.
 
     python bench/fuzz.py [--scale 14]
+    python bench/fuzz.py --smoke             # scale 0.05: a few cases per property
 
 Runs tests/test_fuzz.py with every example count multiplied by --scale (the fast suite runs
 760 cases at scale 1; scale 14 runs 10,640) and prints the cases run per property from
@@ -9,24 +10,24 @@ Hypothesis' statistics. Exit status is pytest's: 0 means no property failed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, bench_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = bench_parser(__doc__)
     parser.add_argument("--scale", type=float, default=14)
     args = parser.parse_args()
+    if args.smoke:
+        args.scale = 0.05
     env = {**os.environ, "FUZZ_EXAMPLES_SCALE": str(args.scale), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider"]
     cmd += ["--hypothesis-show-statistics", "-o", "log_level=ERROR", str(ROOT / "tests" / "test_fuzz.py")]
@@ -46,7 +47,7 @@ def main() -> None:
             total += sum(counts)
             table.add_row(name, str(sum(counts)), str(sum(invalid)))
     table.add_row("[bold]total", f"[bold]{total}", "")
-    Console().print(table)
+    Console(width=120).print(table)
     print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:])
     if proc.returncode:
         print(proc.stdout[-6000:])

@@ -18,19 +18,15 @@ one forward pass, LM-head rows of the allowed tokens only).
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
+from common import bench_parser
 from taskling.serve.classifier import Classifier
 from taskling.task import Task
 from taskling.train.sft import answer_loss
@@ -148,10 +144,9 @@ def classify_speed(model: Any, vocab: int, device: str, repeats: int, stock: boo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--shapes", default="gemma3-270m,qwen3-0.6b,qwen3-4b")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, 1 repeat")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -2,6 +2,7 @@
 
     python bench/ladder.py                      # 10 intents, 40 train rows each, 30 gold rows each
     python bench/ladder.py --intents 20 --run-dir runs/demo   # reuse `taskling demo`'s finished run
+    python bench/ladder.py --smoke              # tiny random model, 8 fixture intents, no MiniLM rung
 
 Writes the subset (the demo's recipe: intents spread over the alphabet, gold from the
 official test split) into RUN_DIR/source/, trains the LoRA rung there unless RUN_DIR already
@@ -12,15 +13,15 @@ training (SmolLM2-135M, 2 epochs over 400 rows) dominates; everything else takes
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+
+from common import bench_parser, clinc_dir, tiny_model, work_dir
+from taskling.rundir import RunDir
 
 
 def markdown_table(result: Any) -> str:
@@ -43,7 +44,7 @@ def markdown_table(result: Any) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/ladder-clinc10"))
     parser.add_argument("--data-dir", type=Path, default=None, help="CLINC150 folder (default: ../shared/...)")
     parser.add_argument("--intents", type=int, default=10)
@@ -55,14 +56,21 @@ def main() -> None:
     parser.add_argument("--min-accuracy", type=float, default=0.90)
     parser.add_argument("--min-category-accuracy", type=float, default=0.70)
     args = parser.parse_args()
+    base = "bundled:smollm2-135m"
+    if args.smoke:
+        work = work_dir("ladder")
+        args.run_dir, args.data_dir, base = work / "run", clinc_dir(None, smoke=True), str(tiny_model(work / "tiny"))
+        args.intents, args.train_per_intent, args.gold_per_intent, args.epochs = 8, 20, 10, 1.0
+        args.rungs = "tfidf,zero-shot,few-shot,lora"
+        torch.set_num_threads(1)  # tiny model: a second thread only adds overhead
 
-    from taskling.cli import _setup_logging, render_ladder
+    from taskling.cli import render_ladder
     from taskling.data.demo import prepare_demo
     from taskling.evaluate.ladder import Bar, run_ladder
     from taskling.evaluate.metrics import evaluate
     from taskling.evaluate.report import write_report
 
-    _setup_logging(verbose=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     config, gold = prepare_demo(
         args.run_dir,
@@ -71,6 +79,7 @@ def main() -> None:
         train_per_intent=args.train_per_intent,
         gold_per_intent=args.gold_per_intent,
         epochs=args.epochs,
+        base=base,
     )
     bar = Bar(min_accuracy=args.min_accuracy, min_category_accuracy=args.min_category_accuracy)
     result = run_ladder(
@@ -81,23 +90,25 @@ def main() -> None:
         lora_run=args.run_dir,
         shots=args.shots,
         bar=bar,
+        latency_samples=3 if args.smoke else 20,
     )
     render_ladder(result)
     print(markdown_table(result))
-    if (args.run_dir / "adapter").is_dir():
-        lora = args.run_dir / "ladder" / "lora"
-        if not (args.run_dir / "predictions.jsonl").is_file():
-            if (lora / "predictions.jsonl").is_file():  # the lora rung already scored this run on gold
-                for name in ("predictions.jsonl", "metrics.json"):
-                    shutil.copyfile(lora / name, args.run_dir / name)
+    run = RunDir(args.run_dir)
+    if run.adapter.is_dir():
+        lora = RunDir(args.run_dir / "ladder" / "lora")
+        if not run.predictions.is_file():
+            if lora.predictions.is_file():  # the lora rung already scored this run on gold
+                shutil.copyfile(lora.predictions, run.predictions)
+                shutil.copyfile(lora.metrics, run.metrics)
             else:
                 evaluate(args.run_dir, gold)
         # No teacher labels for CLINC150 here: the cheapest rung stands in as the baseline bars.
-        cheapest = args.run_dir / "ladder" / "tfidf"
+        cheapest = RunDir(args.run_dir / "ladder" / "tfidf")
         report = write_report(
             args.run_dir,
             ladder=args.run_dir / "ladder" / "ladder.json",
-            baseline=cheapest if (cheapest / "predictions.jsonl").is_file() else None,
+            baseline=cheapest.root if cheapest.predictions.is_file() else None,
         )
         print(f"report: {report}")
 

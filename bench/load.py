@@ -1,11 +1,12 @@
 """Load: the real server (uvicorn subprocess) on 127.0.0.1 under N requests at concurrency C.
 
     python bench/load.py [--requests 10000] [--concurrency 64] [--run RUN_DIR]
+    python bench/load.py --smoke             # 200 requests at concurrency 8, a fresh tiny run
 
 Counts errors (anything but 200; 503 "queue full" included) and checks the prediction log
 holds one row per acknowledged request (lost rows = acknowledged - logged). Reports
 throughput and latency percentiles. Without --run it serves the tiny trained test model
-(bench/tinyrun.py): the numbers measure the server, queue and log, not a real model's cost.
+(`tiny_run` in bench/common.py): the numbers measure the server, queue and log, not a real model's cost.
 Only loopback; every loop is bounded.
 """
 
@@ -23,12 +24,10 @@ import time
 from pathlib import Path
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rich.console import Console
 from rich.table import Table
-from tinyrun import tiny_run
 
+from common import bench_parser, tiny_run, work_dir
 from taskling.serve.predlog import count_rows
 
 HOST = "127.0.0.1"
@@ -127,7 +126,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = bench_parser(__doc__)
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--run", type=Path, default=None)
@@ -135,7 +134,9 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--max-batch", type=int, default=32)
     args = parser.parse_args()
-    run = args.run or tiny_run()
+    if args.smoke:
+        args.requests, args.concurrency = 200, 8
+    run = args.run or tiny_run(work_dir("load") if args.smoke else None)
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "log.db"
         proc, url = start(run, db, args)
@@ -162,7 +163,7 @@ def main() -> None:
         str(logged),
         str(acknowledged - logged),
     )
-    Console().print(table)
+    Console(width=120).print(table)
     print(
         f"throughput {args.requests / seconds:.1f} req/s, p99 {pct(latencies, 0.99) * 1000:.1f} ms, "
         f"errors {sum(errors.values())}, lost log rows {acknowledged - logged}"

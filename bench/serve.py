@@ -3,6 +3,7 @@
     python bench/serve.py                       # tiny random model (trained for a few steps), 5000 x 32
     python bench/serve.py --run runs/demo       # the real SmolLM2-135M demo run
     python bench/serve.py --requests 1000 --concurrency 8
+    python bench/serve.py --smoke               # 200 requests at concurrency 8, fixture messages
 
 Starts `taskling serve` on 127.0.0.1 (a free port, a fresh prediction log), waits for
 /healthz, drives `/v1/classify` with one text per request from CLINC150 test messages, then
@@ -11,15 +12,11 @@ stops the server and counts the rows in its log: rows logged must equal requests
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,31 +24,11 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import bench_parser, clinc_dir, clinc_texts, tiny_run, work_dir
+from taskling.rundir import read_manifest
+from taskling.serve.predlog import count_rows
+
 console = Console(width=120)
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_run(workdir: Path) -> Path:
-    """The test suite's tiny random Llama, with an adapter trained for a few steps."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import FIXTURES, build_tiny_model, clinc8_labels
-    from taskling.config import build_config
-    from taskling.train.sft import train
-
-    model_dir = build_tiny_model(workdir / "tiny-llama")
-    config = build_config(
-        {
-            "task": {"name": "clinc8", "labels": clinc8_labels()},
-            "data": {"train": [str(FIXTURES / "clinc8_train.jsonl")], "validation_fraction": 0.2},
-            "model": {"base": str(model_dir), "dtype": "float32", "max_length": 128},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "train": {"epochs": 1, "max_steps": 5, "batch_size": 16, "seed": 0, "threads": 2},
-            "run_dir": str(workdir / "run"),
-        }
-    )
-    return train(config).run_dir
 
 
 def free_port() -> int:
@@ -60,11 +37,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def messages(n: int) -> list[str]:
-    from taskling.data.demo import find_clinc
-
-    rows = [json.loads(line)["text"] for line in (find_clinc() / "test.jsonl").read_text().splitlines()]
-    return [rows[i % len(rows)] for i in range(n)]
+def messages(n: int, smoke: bool) -> list[str]:
+    return clinc_texts(clinc_dir(None, smoke), n)
 
 
 async def drive(url: str, texts: list[str], concurrency: int) -> tuple[list[float], dict[str, int], int]:
@@ -102,17 +76,19 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--run", help="a trained run (default: the tiny test model)")
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (1 leaves a core)")
     args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.concurrency = 200, 8
 
-    work = Path(tempfile.mkdtemp(prefix="taskling-bench-serve-"))
-    run = Path(args.run) if args.run else tiny_run(work)
-    model = "real: " + json.loads((run / "run.json").read_text())["base_model"] if args.run else "tiny random Llama"
+    work = work_dir("serve")
+    run = Path(args.run) if args.run else tiny_run(work, epochs=1, max_steps=5)
+    model = "real: " + read_manifest(run)["base_model"] if args.run else "tiny random Llama"
     db = work / "predictions.db"
     port = free_port()
     cmd = [sys.executable, "-m", "taskling.cli", "serve", str(run), "--host", "127.0.0.1", "--port", str(port)]
@@ -130,7 +106,7 @@ def main() -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.5)
-        texts = messages(args.requests)
+        texts = messages(args.requests, args.smoke)
         _, _, warm_rows = asyncio.run(drive(url, texts[:64], 8))  # warm-up, not counted
         started = time.perf_counter()
         latencies, errors, ok = asyncio.run(drive(url, texts, args.concurrency))
@@ -138,8 +114,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    with sqlite3.connect(db) as conn:
-        logged = conn.execute("select count(*) from predictions").fetchone()[0] - warm_rows
+    logged = count_rows(f"sqlite:///{db}") - warm_rows
 
     table = Table(title=f"bench/serve.py: {args.requests} requests, concurrency {args.concurrency}, loopback")
     table.add_column("measure")

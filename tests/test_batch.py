@@ -47,7 +47,7 @@ def test_local_engine_matches_the_classifier(
     for got, p in zip(out.itertuples(), preds, strict=True):
         assert got.probability == pytest.approx(p.probability, abs=1e-6)
         assert json.loads(got.probabilities) == pytest.approx(p.probabilities, abs=1e-6)
-    assert not list(tmp_path.glob("*.partial"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"in{suffix}", f"out{suffix}"]  # no temp file left
 
 
 def test_a_null_text_names_the_row_and_writes_nothing(trained_run: Path, frame: pd.DataFrame, tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ def test_a_null_text_names_the_row_and_writes_nothing(trained_run: Path, frame: 
     with pytest.raises(DataError, match=r"in\.parquet: row 6 has no text"):
         predict_batch(trained_run, src, tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
-    assert not list(tmp_path.glob("*.partial"))
+    assert [p.name for p in tmp_path.iterdir()] == ["in.parquet"]  # no temp file left either
 
 
 def test_missing_text_column_and_bad_suffix_are_user_errors(

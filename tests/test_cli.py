@@ -34,11 +34,17 @@ def test_train_eval_classify_round_trip(tiny_config: dict[str, Any], tmp_path: P
     messages = tmp_path / "messages.txt"
     messages.write_text("what is my balance\n\nset a timer for ten minutes\n")
     result = runner.invoke(app, ["classify", str(run_dir), "how is the weather", "--file", str(messages), "--json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # the blank line is flagged, in its place, never dropped
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
     labels = set(tiny_config["task"]["labels"])
-    assert [r["text"] for r in rows] == ["how is the weather", "what is my balance", "set a timer for ten minutes"]
-    assert all(r["label"] in labels and r["label"] in r["top"] for r in rows)
+    assert [r.get("text") for r in rows] == [
+        "how is the weather",
+        "what is my balance",
+        None,
+        "set a timer for ten minutes",
+    ]
+    assert rows[2] == {"line": 2, "error": "empty message"}
+    assert all(r["label"] in labels and r["label"] in r["top"] for r in rows if "text" in r)
 
 
 def test_user_errors_print_a_fix_not_a_traceback(tiny_config: dict[str, Any], tmp_path: Path) -> None:

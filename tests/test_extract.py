@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -259,14 +260,32 @@ def test_training_then_evaluation_writes_gate_ready_files(extraction_run: Path, 
     m = json.loads(result.metrics_path.read_text())
     assert m["n"] == 40 and m["invalid_output_rate"] == 0.0
     assert set(m["fields"]) == {"intent", "domain", "amount", "number", "day", "city"}
-    assert m["worst_field"] in m["fields"] and 0.0 <= m["record_exact_match"] <= 1.0
     rows = [json.loads(x) for x in result.predictions_path.read_text().splitlines()]
     assert len(rows) == 40 and all(r["valid"] for r in rows)
+    # The scores, recomputed independently from predictions.jsonl (gold is the rendered record).
+    gold = [json.loads(r["gold"]) for r in rows]
+    assert m["record_exact_match"] == pytest.approx(sum(g == r["record"] for g, r in zip(gold, rows, strict=True)) / 40)
+    exact = {f: sum(g[f] == r["record"][f] for g, r in zip(gold, rows, strict=True)) / 40 for f in m["fields"]}
+    assert {f: m["fields"][f]["exact_match"] for f in exact} == pytest.approx(exact)
+    # Every field type here scores accuracy as exact match; ties go to the first name.
+    assert m["worst_field"] == min(exact, key=lambda f: (exact[f], f))
+    assert m["worst_field_accuracy"] == pytest.approx(min(exact.values()))
     # Each enum field is a classification run directory in miniature: the gate and report take it.
     intent = load_predictions(tmp_path / "eval" / "fields" / "intent")
-    assert len(intent.labels) == 8 and len(intent.gold) == 40
-    assert gate(intent, intent).passed
+    assert len(intent.labels) == 8 and intent.gold == [_field_label(g["intent"]) for g in gold]
+    assert intent.predicted == [_field_label(r["record"]["intent"]) for r in rows]
+    perfect = dataclasses.replace(intent, name="perfect", predicted=list(intent.gold))
+    wrong = [next(x for x in intent.labels if x != g) for g in intent.gold]
+    hopeless = dataclasses.replace(intent, name="hopeless", predicted=wrong)
+    misses = sum(p != g for p, g in zip(intent.predicted, intent.gold, strict=True))
+    assert gate(intent, perfect).discordant == (misses, 0)
+    assert gate(perfect, intent).passed  # a better candidate passes
+    assert not gate(hopeless, perfect).passed  # wrong on every row: must fail
     assert "Per-category accuracy" in build_report(tmp_path / "eval" / "fields" / "day")
+
+
+def _field_label(value: Any) -> str:
+    return "null" if value is None else str(value)
 
 
 def test_cli_extract_commands(extraction_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -156,13 +156,33 @@ def test_rows_whose_tokens_merge_into_the_prefix_skip_the_cache(
     torch.testing.assert_close(clf.label_log_probs(texts), uncached.label_log_probs(texts), atol=1e-5, rtol=0)
 
 
-def test_load_adapters_switches_between_runs(trained_run: Path, clf: Classifier) -> None:
-    many = load_adapters({"a": trained_run, "b": trained_run}, dtype="float32", device="cpu")
+def perturbed_copy(run: Path, dest: Path, seed: int = 1) -> Path:
+    """A copy of `run` whose LoRA weights are moved by seeded noise: a second, different adapter on the same base."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoint", "*.db*"))
+    path = dest / "adapter" / "adapter_model.safetensors"
+    weights = load_file(str(path))
+    gen = torch.Generator().manual_seed(seed)
+    save_file({k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in weights.items()}, str(path))
+    return dest
+
+
+def test_load_adapters_switches_between_runs(trained_run: Path, clf: Classifier, tmp_path: Path) -> None:
+    other = perturbed_copy(trained_run, tmp_path / "other")
+    alone = {"a": clf, "b": Classifier.from_run(other, dtype="float32", device="cpu")}
+    expected = {name: c.label_log_probs(TEXTS[:2]).exp() for name, c in alone.items()}
+    assert (expected["a"] - expected["b"]).abs().max() > 0.01  # two adapters that really answer differently
+
+    many = load_adapters({"a": trained_run, "b": other}, dtype="float32", device="cpu")
     assert set(many) == {"a", "b"}
-    for name in ("a", "b", "a"):
+    for name in ("a", "b", "a", "b"):  # each switch must bring back exactly that adapter's answers
         probs = many[name].label_log_probs(TEXTS[:2]).exp()
-        torch.testing.assert_close(probs, clf.label_log_probs(TEXTS[:2]).exp(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(probs, expected[name], atol=1e-4, rtol=0)
     assert many["a"].version == clf.version and "@" in clf.version
+    assert many["b"].version == alone["b"].version != clf.version
 
 
 def test_label_trie_paths() -> None:

@@ -110,3 +110,50 @@ def test_acknowledged_rows_survive_sigkill(tmp_path: Path) -> None:
         logged = {r[0] for r in conn.execute("select request_id from predictions")}
     assert len(acked) >= 300
     assert set(acked) <= logged
+
+
+def test_the_log_is_created_readable_by_its_owner_only(tmp_path: Path) -> None:
+    import os
+
+    previous = os.umask(0o022)  # the usual umask, under which SQLite alone would make it 0644
+    try:
+        plog = PredictionLog(default_url(tmp_path))
+        plog.write([row(1)])
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        plog.close()
+    finally:
+        os.umask(previous)
+    assert modes == {"predictions.db": 0o600, "predictions.db-wal": 0o600, "predictions.db-shm": 0o600}
+
+
+def test_an_old_world_readable_log_is_tightened(tmp_path: Path) -> None:
+    db = tmp_path / "predictions.db"
+    PredictionLog(default_url(tmp_path)).close()
+    db.chmod(0o644)
+    PredictionLog(default_url(tmp_path)).close()
+    assert db.stat().st_mode & 0o777 == 0o600
+
+
+def test_retention_deletes_old_rows_at_start_and_while_running(tmp_path: Path) -> None:
+    import time
+
+    url = default_url(tmp_path)
+    day = 86_400
+    plog = PredictionLog(url)
+    old, recent = row(1), row(2)
+    old.time, recent.time = time.time() - 10 * day, time.time() - 1 * day
+    plog.write([old, recent])
+    plog.close()
+    assert count_rows(url) == 2
+
+    plog = PredictionLog(url, retain_days=5, purge_every_s=0.05)
+    assert [r["request_id"] for r in read_rows(url)] == ["req-2"]  # deleted at start-up
+    late = row(3)
+    late.time = time.time() - 6 * day  # e.g. a clock that was wrong, or rows copied in
+    plog.write([late])
+    deadline = time.monotonic() + 10
+    while count_rows(url) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    plog.close()
+    assert [r["request_id"] for r in read_rows(url)] == ["req-2"]  # the periodic purge, with no writes
+    assert plog.purged_rows == 2

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import logging
@@ -234,17 +235,99 @@ def test_secrets_are_never_logged(trained_run: Path, tmp_path: Path, caplog: pyt
     assert key not in caplog.text and password not in caplog.text
 
 
+# Direct file writes that are fine, by (module, function): each with the reason.
+DIRECT_WRITES_ALLOWED = {
+    ("taskling.io", "atomic_write"): "the atomic writer itself",
+    ("taskling.serve.predlog", "make_private"): "creates an empty SQLite file with mode 0600; SQLite writes it",
+}
+
+
+def direct_file_writes(source: str, module: str = "snippet") -> list[str]:
+    """`module.function:line` of every call that writes a file without the atomic writer.
+
+    A write is `open`/`os.fdopen`/`Path.open` with a mode holding w, x or + (or a mode that is
+    not a literal), `os.open` with write or create flags, `write_text` and `write_bytes`. Appending ("a") is allowed:
+    an append-only log (history.jsonl) is written a line at a time by design, and its readers
+    skip a cut last line.
+    """
+    found: list[str] = []
+
+    def mode_of(call: ast.Call, position: int) -> ast.expr | None:
+        for keyword in call.keywords:
+            if keyword.arg == "mode":
+                return keyword.value
+        return call.args[position] if len(call.args) > position else None
+
+    def writes(call: ast.Call) -> bool:
+        func = call.func
+        if isinstance(func, ast.Attribute) and func.attr in ("write_text", "write_bytes"):
+            return True
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "os":
+            if func.attr == "open":  # os.open: a write when its flags ask for one
+                flags = (
+                    {n.attr for n in ast.walk(call.args[1]) if isinstance(n, ast.Attribute)} if call.args[1:] else set()
+                )
+                return bool(flags & {"O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC"})
+            position = 1 if func.attr == "fdopen" else -1
+        elif isinstance(func, ast.Name) and func.id == "open":
+            position = 1
+        elif isinstance(func, ast.Attribute) and func.attr == "open":
+            position = 0  # Path.open(mode)
+        else:
+            return False
+        if position < 0:
+            return False
+        mode = mode_of(call, position)
+        if mode is None:
+            return False  # read mode by default
+        if not (isinstance(mode, ast.Constant) and isinstance(mode.value, str)):
+            return True
+        return any(c in mode.value for c in "wx+")
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Call) and writes(child) and (module, function) not in DIRECT_WRITES_ALLOWED:
+                found.append(f"{module}.{function}:{child.lineno}")
+            visit(child, name)
+
+    visit(ast.parse(source), "<module>")
+    return found
+
+
 def test_artifacts_are_written_through_the_atomic_writer() -> None:
-    """Every file the library writes goes through a temp file + rename, so a crash never leaves half a file."""
-    src = SRC
-    bare = re.compile(r"(?<!tmp)\.write_text\(|\.open\(\s*[\"']w")
-    offenders = [
-        f"{path.name}:{n}: {line.strip()}"
-        for path in sorted(src.rglob("*.py"))
-        for n, line in enumerate(path.read_text().splitlines(), 1)
-        if bare.search(line) and "tmp" not in line and "history" not in line
-    ]
+    """Every file the library writes goes through taskling.io (temp file + rename): a crash never leaves half a file."""
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        module = ".".join(["taskling", *path.relative_to(SRC).with_suffix("").parts])
+        offenders += direct_file_writes(path.read_text(), module)
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        'open(path, "w")',
+        'open(path, mode="wb")',
+        'open(path, "r+")',
+        "open(path, chosen_mode)",
+        'path.open("w", encoding="utf-8")',
+        'tmp.open("x")',
+        'tmp.write_text("half")',
+        'Path("x").write_bytes(b"")',
+        'os.fdopen(fd, "w")',
+        "os.open(path, os.O_WRONLY | os.O_CREAT)",
+    ],
+)
+def test_the_atomic_writer_check_finds_a_planted_direct_write(planted: str) -> None:
+    assert direct_file_writes(f"def save(path, tmp, fd, chosen_mode):\n    {planted}\n") == ["snippet.save:2"]
+
+
+@pytest.mark.parametrize(
+    "harmless", ["open(path)", 'open(path, "rb")', 'path.open("a")', "path.read_text()", "os.open(path, os.O_RDONLY)"]
+)
+def test_the_atomic_writer_check_leaves_reads_and_appends_alone(harmless: str) -> None:
+    assert direct_file_writes(f"def load(path):\n    {harmless}\n") == []
 
 
 def test_the_atomic_writer_leaves_the_old_file_when_the_write_fails(tmp_path: Path) -> None:

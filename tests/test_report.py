@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from taskling.cli import app
+from taskling.data.load import Example, content_hash
 from taskling.evaluate.gate import pin_baseline
 from taskling.evaluate.report import build_report, calibration_bins, expected_calibration_error, write_report
 
@@ -50,6 +51,8 @@ def scored_run(tmp_path: Path) -> Path:
     )
     pin_baseline(run, gold_file, teacher, labels=LABELS, name="teacher")
     ladder = {
+        "gold_file": str(gold_file),
+        "gold_hash": content_hash(Example(t, g) for t, g in zip(texts, gold, strict=True)),
         "bar": "accuracy >= 90%",
         "smallest": "lora",
         "rungs": [

@@ -143,12 +143,20 @@ def test_chat_completions_is_constrained(server: Server, labels: list[str]) -> N
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": body["choices"][0]["message"]["content"]}
-    assert body["choices"][0]["message"]["content"] in labels
-    assert body["choices"][0]["finish_reason"] == "stop"
+    # The answer is the label /v1/classify gives the last *user* message (not the system one).
+    user = request["messages"][1]["content"]
+    expected = httpx.post(server.url + "/v1/classify", json={"text": user}, timeout=60).json()["results"][0]
+    system_says = httpx.post(server.url + "/v1/classify", json={"text": request["messages"][0]["content"]}).json()
+    assert expected["probabilities"] != system_says["results"][0]["probabilities"]  # the two are told apart
+    assert expected["label"] in labels
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected["label"]}
+    assert body["taskling"]["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
+    assert body["choices"][0]["finish_reason"] == "stop" and body["model"] == "default"
     parts = {"model": "yesno", "messages": [{"role": "user", "content": [{"type": "text", "text": "is it on?"}]}]}
     r = httpx.post(server.url + "/v1/chat/completions", json=parts, timeout=60)
-    assert r.json()["choices"][0]["message"]["content"] in YESNO
+    yesno = httpx.post(server.url + "/v1/classify", json={"text": "is it on?", "adapter": "yesno"}).json()
+    assert r.json()["choices"][0]["message"]["content"] == yesno["results"][0]["label"]
+    assert set(r.json()["taskling"]["probabilities"]) == set(YESNO)
     streamed = httpx.post(server.url + "/v1/chat/completions", json={**request, "stream": True}, timeout=60)
     assert streamed.status_code == 400
 

@@ -114,17 +114,20 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` laid over it, section by section (neither is changed)."""
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
-def _resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
+def resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Config paths (data files, labels_file, run_dir, a local model.base) made absolute against `root`."""
+
     def fix(p: Any) -> Any:
         path = Path(str(p)).expanduser()
         return str(path if path.is_absolute() else root / path)
@@ -176,14 +179,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Project
         raise ConfigError(f"config file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
+            fix="re-save the config as UTF-8",
+        ) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (task, data, ...)")
-    raw = _resolve_paths(raw, path.parent.resolve())
+    raw = resolve_paths(raw, path.parent.resolve())
     # Paths given on the command line are relative to where the command runs.
-    extra = _resolve_paths(parse_overrides(overrides or []), Path.cwd())
-    return build_config(_merge(raw, extra), source=str(path))
+    extra = resolve_paths(parse_overrides(overrides or []), Path.cwd())
+    return build_config(merge(raw, extra), source=str(path))
 
 
 def dump_config(config: ProjectConfig) -> str:

@@ -18,6 +18,9 @@ helpers here to read the manifest and name the adapter's version. The layout:
     report.html             abstain.json             the report card; the `unknown` threshold
     predictions.db          the prediction log (SQLite) of `taskling serve` / `classify`
     monitor/                drift.json and drift.html from `taskling monitor`
+    exports/                one folder per `taskling export` format (merged, gguf-f16, ...)
+    pairs.jsonl  dpo.json   `taskling pairs` / `taskling dpo`: preference pairs; the DPO run's summary
+    dpo_report.json compare/ the DPO run scored against its SFT parent
 """
 
 from __future__ import annotations
@@ -64,6 +67,30 @@ class RunDir:
     abstain = property(lambda self: self.root / "abstain.json")
     prediction_log = property(lambda self: self.root / "predictions.db")
     monitor = property(lambda self: self.root / "monitor")
+    source = property(lambda self: self.root / "source")  # `taskling demo`'s data and config
+    exports = property(lambda self: self.root / "exports")
+    # Added with the evaluate/monitor split: the ladder, a rung's label set, per-field and
+    # per-gold-version scores, and the monitor's own files.
+    ladder = property(lambda self: self.root / "ladder.json")
+    labels = property(lambda self: self.root / "labels.json")
+    fields = property(lambda self: self.root / "fields")
+    evals = property(lambda self: self.root / "evals")
+    calibration = property(lambda self: self.root / "monitor" / "calibration.json")
+    drift_report = property(lambda self: self.root / "monitor" / "drift.json")
+    drift_page = property(lambda self: self.root / "monitor" / "drift.html")
+    # Added with the train/ split: DPO's pairs, summary, and its before/after comparison.
+    pairs = property(lambda self: self.root / "pairs.jsonl")
+    dpo_summary = property(lambda self: self.root / "dpo.json")
+    dpo_report = property(lambda self: self.root / "dpo_report.json")
+    comparison = property(lambda self: self.root / "compare")
+
+    def gold_evals(self, version: str) -> Path:
+        """`evals/gold-VERSION/`: the run scored on one gold version (metrics, predictions, gate)."""
+        return self.root / "evals" / f"gold-{version}"
+
+    def embedding_cache(self, split: str, embedder: str) -> Path:
+        """`monitor/SPLIT-EMBEDDER.npz`: the monitor's cached embeddings of the run's training data."""
+        return self.root / "monitor" / f"{split}-{embedder}.npz"
 
     def is_finished(self) -> bool:
         """True when the run has a manifest and a saved adapter."""

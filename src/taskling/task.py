@@ -45,7 +45,13 @@ class Task(BaseModel):
                     f"task.labels_file: {path} does not exist",
                     fix="point labels_file at a text file with one label a line",
                 )
-            lines = path.read_text(encoding="utf-8").splitlines()
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as err:
+                line = err.object[: err.start].count(b"\n") + 1
+                raise ConfigError(
+                    f"task.labels_file: {path}:{line} is not UTF-8 text", fix="re-save the labels file as UTF-8"
+                ) from None
             data["labels"] = [line.strip() for line in lines if line.strip()]
         return data
 

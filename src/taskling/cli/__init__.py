@@ -10,11 +10,10 @@ from taskling.cli import train, bar, serve, monitor, extract, data
 
 # isort: on
 from taskling.cli.bar import render_ladder
-from taskling.cli.common import _setup_logging, app, console, err_console, friendly_errors, render_metrics
+from taskling.cli.common import app, console, err_console, friendly_errors, render_metrics, setup_logging
 from taskling.cli.data import render_data_report
 
 __all__ = [
-    "_setup_logging",
     "app",
     "bar",
     "console",
@@ -27,5 +26,6 @@ __all__ = [
     "render_ladder",
     "render_metrics",
     "serve",
+    "setup_logging",
     "train",
 ]

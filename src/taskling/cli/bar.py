@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from taskling.cli.common import (
@@ -16,46 +17,67 @@ from taskling.cli.common import (
 )
 from taskling.errors import TasklingError
 
+# Labels, texts, run and file names come from the user: every one printed through rich goes
+# through `escape`, so a label like "[b]x[/b]" or "[/]" is shown as written, not as markup.
 
-def _render_verdict(verdict: Any) -> None:
-    color = "green" if verdict.passed else "red"
-    console.print(
-        f"[bold {color}]{'PASS' if verdict.passed else 'FAIL'}[/]: {verdict.candidate} vs {verdict.reference} "
-        f"on {verdict.n} gold rows (gold {verdict.gold_hash[:12]})"
-    )
-    level = 1 - verdict.thresholds["alpha"]
+
+def _render_accuracy(verdict: Any, level: float) -> None:
+    # Brackets in the cells below are escaped: rich would read "[0.70%, 0.80%]" as a tag.
     acc = Table(title=f"accuracy ({level:.0%} bootstrap CI)", show_header=False)
     ref, cand, delta = verdict.reference_accuracy, verdict.candidate_accuracy, verdict.delta
-    acc.add_row(verdict.reference, f"{ref.estimate:.2%}  [{ref.low:.2%}, {ref.high:.2%}]")
-    acc.add_row(verdict.candidate, f"{cand.estimate:.2%}  [{cand.low:.2%}, {cand.high:.2%}]")
-    acc.add_row("difference", f"{delta.estimate:+.2%}  [{delta.low:+.2%}, {delta.high:+.2%}]")
+    acc.add_row(escape(verdict.reference), escape(f"{ref.estimate:.2%}  [{ref.low:.2%}, {ref.high:.2%}]"))
+    acc.add_row(escape(verdict.candidate), escape(f"{cand.estimate:.2%}  [{cand.low:.2%}, {cand.high:.2%}]"))
+    acc.add_row("difference", escape(f"{delta.estimate:+.2%}  [{delta.low:+.2%}, {delta.high:+.2%}]"))
     b, c = verdict.discordant
     acc.add_row(
         verdict.thresholds["test"],
         f"p={verdict.p_value:.3g} ({b} rows lost, {c} gained): {verdict.assessment}",
     )
+    ni = verdict.non_inferiority
+    drop, margin = ni["accuracy_drop"], ni["margin"]
+    over = drop > margin + 1e-9
+    acc.add_row(
+        "non-inferiority",
+        f"dropped {drop:.2%} against a margin of {margin:.2%}: " + ("[red]beyond it[/]" if over else "within it"),
+    )
     console.print(acc)
+
+
+def _render_categories(verdict: Any, level: float) -> None:
     moved = [cat for cat in verdict.categories if cat.candidate != cat.reference]
-    if moved:
-        cats = Table(title="categories that changed")
-        for col in ("category", "n", "reference", "candidate", f"change ({level:.0%} CI)", "p", ""):
-            cats.add_column(col)
-        for cat in sorted(moved, key=lambda cat: cat.delta.estimate):
-            cats.add_row(
-                cat.label,
-                str(cat.support),
-                f"{cat.reference:.0%}",
-                f"{cat.candidate:.0%}",
-                f"{cat.delta.estimate:+.0%} [{cat.delta.low:+.0%}, {cat.delta.high:+.0%}]",
-                f"{cat.p_value:.3g}",
-                "[red]regressed[/]" if cat.regressed else "",
-            )
-        console.print(cats)
+    if not moved:
+        return
+    margin = verdict.non_inferiority["category_margin"]
+    cats = Table(title=f"categories that changed (category margin {margin:.0%})")
+    for col in ("category", "n", "reference", "candidate", f"change ({level:.0%} CI)", "p", ""):
+        cats.add_column(col)
+    for cat in sorted(moved, key=lambda cat: cat.delta.estimate):
+        cats.add_row(
+            escape(cat.label),
+            str(cat.support),
+            f"{cat.reference:.0%}",
+            f"{cat.candidate:.0%}",
+            escape(f"{cat.delta.estimate:+.0%} [{cat.delta.low:+.0%}, {cat.delta.high:+.0%}]"),
+            f"{cat.p_value:.3g}",
+            "[red]beyond the margin[/]" if cat.regressed else "",
+        )
+    console.print(cats)
+
+
+def _render_verdict(verdict: Any) -> None:
+    color = "green" if verdict.passed else "red"
+    console.print(
+        f"[bold {color}]{'PASS' if verdict.passed else 'FAIL'}[/]: {escape(verdict.candidate)} vs "
+        f"{escape(verdict.reference)} on {verdict.n} gold rows (gold {verdict.gold_hash[:12]})"
+    )
+    level = 1 - verdict.thresholds["alpha"]
+    _render_accuracy(verdict, level)
+    _render_categories(verdict, level)
     checks = Table(title="checks")
     for col in ("check", "result", "why"):
         checks.add_column(col)
     for check in verdict.checks:
-        checks.add_row(check.name, "[green]pass[/]" if check.passed else "[red]FAIL[/]", check.detail)
+        checks.add_row(check.name, "[green]pass[/]" if check.passed else "[red]FAIL[/]", escape(check.detail))
     console.print(checks)
 
 
@@ -80,8 +102,11 @@ def baseline(
     payload = pin_baseline(
         run_dir, gold, predictions, labels=read_labels(labels) if labels else None, name=name, repin=repin
     )
-    render_metrics(Metrics(**payload["metrics"]), title=f"baseline: {name}")
-    console.print(f"pinned {run_dir / 'baseline.json'} on gold {payload['gold_hash'][:12]} ({payload['n']} rows)")
+    from taskling.rundir import RunDir
+
+    render_metrics(Metrics(**payload["metrics"]), title=f"baseline: {escape(name)}")
+    where = escape(str(RunDir(run_dir).baseline))
+    console.print(f"pinned {where} on gold {payload['gold_hash'][:12]} ({payload['n']} rows)")
 
 
 @app.command()
@@ -93,8 +118,13 @@ def gate(
         typer.Option(help="baseline.json, a run dir with one, or a previous run (default: CANDIDATE/baseline.json)."),
     ] = None,
     gold: Annotated[Path | None, typer.Option("--gold", help="Check this gold file still has the pinned hash.")] = None,
-    margin: Annotated[float, typer.Option(help="Allowed accuracy drop (0.01 = one point).")] = 0.01,
-    category_tolerance: Annotated[float, typer.Option(help="Allowed accuracy drop in any category.")] = 0.10,
+    margin: Annotated[
+        float, typer.Option(help="Largest accuracy drop allowed, significant or not (0.01 = one point).")
+    ] = 0.01,
+    category_margin: Annotated[
+        float,
+        typer.Option("--category-margin", "--category-tolerance", help="Largest accuracy drop allowed in a category."),
+    ] = 0.10,
     alpha: Annotated[float, typer.Option(help="Significance level of the paired tests.")] = 0.05,
     exact: Annotated[bool, typer.Option("--exact", help="McNemar exact p instead of mid-p (stricter).")] = False,
 ) -> None:
@@ -106,7 +136,7 @@ def gate(
         against,
         gold_file=gold,
         margin=margin,
-        category_tolerance=category_tolerance,
+        category_margin=category_margin,
         alpha=alpha,
         mid_p=not exact,
     )
@@ -150,16 +180,17 @@ def ladder(
 
 
 def render_ladder(result: Any) -> None:
-    table = Table(title=f"ladder: {result.gold_rows} gold rows, {result.train_rows} training rows; bar: {result.bar}")
+    title = f"ladder: {result.gold_rows} gold rows, {result.train_rows} training rows; bar: {escape(result.bar)}"
+    table = Table(title=title)
     for col in ("rung", "accuracy", "macro-F1", "worst category", "latency ms", "msg/s", "memory MB", "train s", "bar"):
         table.add_column(col)
     for r in result.rungs:
-        mark = "-" if r.clears is None else ("[green]clears[/]" if r.clears else f"[red]no[/]: {r.why}")
+        mark = "-" if r.clears is None else ("[green]clears[/]" if r.clears else f"[red]no[/]: {escape(r.why)}")
         table.add_row(
             r.name,
             f"{r.accuracy:.2%}",
             f"{r.macro_f1:.3f}",
-            f"{r.worst_category} ({r.worst_category_accuracy:.0%})",
+            f"{escape(r.worst_category)} ({r.worst_category_accuracy:.0%})",
             f"{r.latency_ms:.1f}",
             f"{r.messages_per_second:.0f}",
             f"{r.memory_mb:.1f}",
@@ -171,7 +202,9 @@ def render_ladder(result: Any) -> None:
         console.print(f"[bold green]smallest that clears the bar: {result.smallest}[/]")
     elif any(r.clears is not None for r in result.rungs):
         console.print("[bold red]no rung clears the bar[/]")
-    console.print(f"wrote {result.out_dir / 'ladder.json'}")
+    from taskling.rundir import RunDir
+
+    console.print(f"wrote {escape(str(RunDir(result.out_dir).ladder))}")
 
 
 @app.command()
@@ -186,7 +219,7 @@ def report(
     from taskling.evaluate.report import write_report
 
     path = write_report(run_dir, out=out, ladder=ladder_file, baseline=against)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {escape(str(path))}")
 
 
 @app.command()
@@ -251,18 +284,21 @@ def runs(
     """List runs with their metrics, gold hash and gate verdict."""
     from taskling.evaluate.runs import list_runs
 
-    table = Table(title=f"runs under {root}")
+    table = Table(title=f"runs under {escape(str(root))}")
     for col in ("run", "accuracy", "macro-F1", "worst category", "gold", "baseline", "gate"):
         table.add_column(col)
     for r in list_runs(root):
+        baseline_text = "-" if r.baseline_accuracy is None else f"{r.baseline_accuracy:.2%}"
+        if r.baseline_on_other_gold:
+            baseline_text += " (other gold set)"
         table.add_row(
-            str(r.path.relative_to(root)) if r.path != root else r.name,
+            escape(str(r.path.relative_to(root)) if r.path != root else r.name),
             "-" if r.accuracy is None else f"{r.accuracy:.2%}",
             "-" if r.macro_f1 is None else f"{r.macro_f1:.3f}",
-            "-" if r.worst_category is None else f"{r.worst_category} ({r.worst_category_accuracy:.0%})",
+            "-" if r.worst_category is None else f"{escape(r.worst_category)} ({r.worst_category_accuracy:.0%})",
             (r.gold_hash or "-")[:12],
-            "-" if r.baseline_accuracy is None else f"{r.baseline_accuracy:.2%}",
-            r.gate,
+            baseline_text,
+            escape(r.gate),
         )
     console.print(table)
 
@@ -273,21 +309,18 @@ def compare(
     a: Annotated[Path, typer.Argument(help="Run A (before).")],
     b: Annotated[Path, typer.Argument(help="Run B (after).")],
 ) -> None:
-    """What changed per category from run A to run B (paired when on the same gold set)."""
+    """What changed per category from run A to run B (paired; both must be scored on the same gold set)."""
     from taskling.evaluate.runs import compare as compare_runs
 
     result = compare_runs(a, b)
     acc_a, acc_b = result.accuracy
     console.print(f"accuracy {acc_a:.2%} -> {acc_b:.2%} ({acc_b - acc_a:+.2%})")
-    if result.verdict is None:
-        console.print("[yellow]different gold sets: the numbers are not paired and not directly comparable[/]")
-    else:
-        _render_verdict(result.verdict)
+    _render_verdict(result.verdict)
     table = Table(title="per category")
     for col in ("category", "A", "B", "change"):
         table.add_column(col)
     ranked = sorted(result.per_category, key=lambda row: ((row[2] or 0) - (row[1] or 0), row[0]))
     for label, x, y in ranked:
         change = "-" if x is None or y is None else f"{y - x:+.0%}"
-        table.add_row(label, "-" if x is None else f"{x:.0%}", "-" if y is None else f"{y:.0%}", change)
+        table.add_row(escape(label), "-" if x is None else f"{x:.0%}", "-" if y is None else f"{y:.0%}", change)
     console.print(table)

@@ -1,4 +1,8 @@
-"""Shared CLI plumbing: the Typer app, consoles, error handling, progress and report cards."""
+"""Shared CLI plumbing: the Typer app, consoles, error handling, progress and report cards.
+
+Text that comes from users or files (messages, labels, paths, error messages) is printed as
+rich `Text`, never parsed as console markup: a message holding `[/bold]` prints as itself.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from taskling.errors import TasklingError
 
@@ -24,7 +29,7 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -53,9 +58,9 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TasklingError as err:
-            err_console.print(f"[bold red]error:[/] {err.message}")
+            err_console.print(Text.assemble(("error:", "bold red"), " ", err.message), soft_wrap=True)
             if err.fix:
-                err_console.print(f"[yellow]fix:[/] {err.fix}")
+                err_console.print(Text.assemble(("fix:", "yellow"), " ", err.fix), soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -63,7 +68,7 @@ def friendly_errors(fn: F) -> F:
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")] = False) -> None:
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
 
 @contextmanager
@@ -86,9 +91,10 @@ def training_progress() -> Iterator[Callable[[int, int, dict[str, float]], None]
         yield update
 
 
-def _train_summary(result: Any) -> None:
+def render_train_summary(result: Any) -> None:
+    """The training summary table: rows used, steps, best validation loss, speed."""
     table = Table(title="training", show_header=False)
-    table.add_row("run directory", str(result.run_dir))
+    table.add_row("run directory", Text(str(result.run_dir)))
     table.add_row(
         "rows (train / validation / skipped)", f"{result.train_rows} / {result.validation_rows} / {result.skipped_rows}"
     )
@@ -102,11 +108,11 @@ def _train_summary(result: Any) -> None:
 
 def render_metrics(metrics: Any, title: str = "evaluation", top: int = 10) -> None:
     """The report card: headline numbers, then the weakest categories."""
-    head = Table(title=title, show_header=False)
+    head = Table(title=Text(title), show_header=False)
     head.add_row("rows", str(metrics.n))
     head.add_row("accuracy", f"{metrics.accuracy:.2%}")
     head.add_row("macro-F1", f"{metrics.macro_f1:.4f}")
-    head.add_row("worst category", f"{metrics.worst_category} ({metrics.worst_category_accuracy:.0%})")
+    head.add_row("worst category", Text(f"{metrics.worst_category} ({metrics.worst_category_accuracy:.0%})"))
     head.add_row("outside the label set", f"{metrics.out_of_label_set_rate:.2%}")
     console.print(head)
     cats = Table(title=f"weakest {min(top, len(metrics.per_category))} categories")
@@ -119,11 +125,11 @@ def render_metrics(metrics: Any, title: str = "evaluation", top: int = 10) -> No
         counts = [(c, labels[j]) for j, c in enumerate(metrics.confusion[i]) if j != i and c]
         confused = f"{max(counts)[1]} ({max(counts)[0]})" if counts else "-"
         cats.add_row(
-            label,
+            Text(label),
             f"{row['accuracy']:.0%}",
             f"{row['precision']:.0%}",
             f"{row['f1']:.3f}",
             str(int(row["support"])),
-            confused,
+            Text(confused),
         )
     console.print(cats)

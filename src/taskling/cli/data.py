@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from taskling.cli.common import (
@@ -14,7 +15,17 @@ from taskling.cli.common import (
     friendly_errors,
 )
 from taskling.errors import TasklingError
-from taskling.io import write_text
+from taskling.io import read_json, write_json
+
+# Control characters (ESC starts a terminal escape sequence) are shown, never sent to the terminal.
+_VISIBLE = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c not in (9, 10)}
+
+
+def shown(value: Any) -> str:
+    """A user-derived value, safe in rich output: markup escaped, control characters and
+    unpaired surrogates made visible, so a label like `[/bold]` prints as itself."""
+    text = str(value).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return escape(text.translate(_VISIBLE))
 
 
 def _clean_config(settings: list[str] | None) -> Any:
@@ -45,29 +56,34 @@ def render_data_report(report: dict[str, Any]) -> None:
     head.add_row("label-error candidates", str(report["label_error_candidates"]))
     head.add_row("gold leaks", str(report["gold_leaks"]))
     if report["invented_labels"]:
-        head.add_row("invented labels", ", ".join(f"{k} x{v}" for k, v in list(report["invented_labels"].items())[:8]))
+        invented = list(report["invented_labels"].items())[:8]
+        head.add_row("invented labels", ", ".join(f"{shown(k)} x{shown(v)}" for k, v in invented))
     console.print(head)
     cats = Table(title="rows per category (guide: 100-300; under 50 is a warning)")
     for col in ("category", "rows", "status"):
         cats.add_column(col)
     style = {"missing": "red", "too few": "red", "thin": "yellow", "ok": "green", "plenty": "green"}
     for row in sorted(report["categories"], key=lambda r: r["count"]):
-        cats.add_row(row["label"], str(row["count"]), f"[{style[row['status']]}]{row['status']}[/]")
+        status = shown(row["status"])
+        color = style.get(row["status"])
+        cats.add_row(shown(row["label"]), shown(row["count"]), f"[{color}]{status}[/]" if color else status)
     console.print(cats)
     if report["warnings"]:
-        console.print(f"[yellow]warning:[/] {len(report['warnings'])} categories under 50 rows: {report['guide']}")
+        console.print(
+            f"[yellow]warning:[/] {len(report['warnings'])} categories under 50 rows: {shown(report['guide'])}"
+        )
     issues = report["label_error_examples"][:10]
     if issues:
         top = Table(title="most likely label errors (review these first)")
         for col in ("rank", "where", "given", "model says", "text"):
             top.add_column(col)
         for i in issues:
-            top.add_row(str(i["rank"]), i["where"], i["given"], i["suggested"], i["text"][:60])
+            top.add_row(*(shown(i[k]) for k in ("rank", "where", "given", "suggested")), shown(str(i["text"])[:60]))
         console.print(top)
 
 
 def _reasons(reasons: dict[str, int]) -> str:
-    return f"  [dim]({', '.join(f'{k} {v}' for k, v in reasons.items())})[/]" if reasons else ""
+    return f"  [dim]({', '.join(f'{shown(k)} {shown(v)}' for k, v in reasons.items())})[/]" if reasons else ""
 
 
 @app.command("distill")
@@ -89,7 +105,7 @@ def distill_cmd(
     render_data_report(result.report)
     console.print(
         f"{result.rows_read} rows -> {result.train} train, {result.review} review, {result.rejected} rejected "
-        f"(in {result.out_dir})"
+        f"(in {shown(result.out_dir)})"
     )
 
 
@@ -106,8 +122,6 @@ def data_report_cmd(
     settings: Annotated[list[str] | None, typer.Option("--set", help="Cleaning setting key=value.")] = None,
 ) -> None:
     """Counts per category against the guide, duplicates, label-error candidates, review queue."""
-    import json
-
     from taskling.data.clean import build_report, clean_examples
     from taskling.data.distill import load_task_file
     from taskling.data.load import load_file
@@ -115,7 +129,7 @@ def data_report_cmd(
     if data.is_dir():
         if not (data / "report.json").is_file():
             raise TasklingError(f"{data} has no report.json", fix="run `taskling distill` into it, or give a file")
-        report = json.loads((data / "report.json").read_text(encoding="utf-8"))
+        report = read_json(data / "report.json")
     else:
         if task is None:
             raise TasklingError("a data file needs --task", fix="add --task task.yaml")
@@ -131,9 +145,15 @@ def data_report_cmd(
             extra_rejected=loaded.skipped_by_reason,
         )
     target = json_out or (data / "report.json" if data.is_dir() else data.with_suffix(".report.json"))
-    write_text(target, json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    render_data_report(report)
-    console.print(f"wrote {target}")
+    try:
+        render_data_report(report)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise TasklingError(
+            f"{data} does not hold a taskling data report (missing or malformed {err})",
+            fix="run `taskling distill` again to rewrite report.json",
+        ) from None
+    write_json(target, report)
+    console.print(f"wrote {shown(target)}")
 
 
 @app.command("split")
@@ -150,7 +170,7 @@ def split_cmd(
     """Stratified train/validation/gold split; the gold set is frozen with a manifest."""
     from taskling.data.distill import load_task_file
     from taskling.data.load import load_files
-    from taskling.data.split import SplitConfig, split_dataset
+    from taskling.data.split import MANIFEST, SplitConfig, split_dataset
 
     spec = load_task_file(task) if task else None
     examples = load_files(data, spec).examples
@@ -161,11 +181,11 @@ def split_cmd(
     state = "reused the frozen gold set" if result.gold_reused else "froze a new gold set"
     console.print(
         f"{state}: {len(result.gold)} gold rows; {len(result.train)} train, {len(result.validation)} validation, "
-        f"{len(result.leaked)} leaked rows dropped (see {out / 'leaked.jsonl'})"
+        f"{len(result.leaked)} leaked rows dropped (see {shown(out / 'leaked.jsonl')})"
     )
     if result.labels_without_gold:
-        console.print(f"[yellow]warning:[/] no gold rows for: {', '.join(result.labels_without_gold)}")
-    console.print(f"train with `data.gold_manifest: {out / 'gold.manifest.json'}` to refuse leaks")
+        console.print(f"[yellow]warning:[/] no gold rows for: {', '.join(map(shown, result.labels_without_gold))}")
+    console.print(f"train with `data.gold_manifest: {shown(out / MANIFEST)}` to refuse leaks")
 
 
 @app.command("label")
@@ -177,20 +197,18 @@ def label_cmd(
     model: Annotated[str | None, typer.Option(help="Teacher model (default $TASKLING_TEACHER_MODEL).")] = None,
 ) -> None:
     """Label texts with a teacher (any OpenAI-compatible endpoint from the environment)."""
-    import json
-
     from taskling.data.distill import load_task_file
-    from taskling.data.teacher import TeacherClient, label_texts, usage_dict
+    from taskling.data.teacher import TeacherClient, label_texts, read_texts, usage_dict
     from taskling.io import write_jsonl
 
-    lines = [line for line in texts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    texts = [json.loads(line)["text"] if line.lstrip().startswith("{") else line.strip() for line in lines]
+    spec = load_task_file(task)
+    texts = read_texts(texts_file)
     client = TeacherClient(model=model)
-    with console.status(f"labeling {len(texts)} texts with {client.model}"):
-        rows = label_texts(texts, load_task_file(task), client)
+    with console.status(f"labeling {len(texts)} texts with {shown(client.model)}"):
+        rows = label_texts(texts, spec, client)
     write_jsonl(out, rows)
     usage = usage_dict(client.usage)
-    console.print(f"wrote {len(rows)} rows to {out}; next: taskling distill {out} --task {task}")
+    console.print(f"wrote {len(rows)} rows to {shown(out)}; next: taskling distill {shown(out)} --task {shown(task)}")
     console.print(
         "teacher usage: " + ", ".join(f"{k} {v}" for k, v in usage.items()) + "  [dim](cached answers cost nothing)[/]"
     )
@@ -218,13 +236,13 @@ def synth_cmd(
         gold, manifest = load_gold(gold_manifest)
         clean = manifest_clean_config(manifest)
     client = TeacherClient(model=model)
-    with console.status(f"asking {client.model} for {per_label} examples x {len(spec.labels)} categories"):
+    with console.status(f"asking {shown(client.model)} for {per_label} examples x {len(spec.labels)} categories"):
         result = synthesize(spec, client, per_label=per_label, gold=gold, clean_config=clean)
     write_examples(out, result.accepted)
     rejected_path = out.with_name(out.stem + ".rejected.jsonl")
     write_jsonl(rejected_path, result.rejected)
     console.print(
-        f"accepted {len(result.accepted)} -> {out}; rejected {len(result.rejected)} {result.rejected_by_reason()} "
-        f"-> {rejected_path}"
+        f"accepted {len(result.accepted)} -> {shown(out)}; rejected {len(result.rejected)} "
+        f"{shown(result.rejected_by_reason())} -> {shown(rejected_path)}"
     )
     console.print("teacher usage: " + ", ".join(f"{k} {v}" for k, v in usage_dict(client.usage).items()))

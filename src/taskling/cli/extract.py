@@ -9,19 +9,20 @@ import typer
 from rich.table import Table
 
 from taskling.cli.common import (
-    _train_summary,
     app,
     console,
     friendly_errors,
+    render_train_summary,
     training_progress,
 )
+from taskling.cli.data import shown
 
 
 def _render_extraction(metrics: dict[str, Any], title: str = "extraction") -> None:
     head = Table(title=title, show_header=False)
     head.add_row("rows", str(metrics["n"]))
     head.add_row("whole-record exact match", f"{metrics['record_exact_match']:.2%}")
-    head.add_row("worst field", f"{metrics['worst_field']} ({metrics['worst_field_accuracy']:.0%})")
+    head.add_row("worst field", f"{shown(metrics['worst_field'])} ({metrics['worst_field_accuracy']:.0%})")
     head.add_row("invalid outputs", f"{metrics['invalid_output_rate']:.2%}")
     console.print(head)
     fields = Table(title="per field")
@@ -30,7 +31,7 @@ def _render_extraction(metrics: dict[str, Any], title: str = "extraction") -> No
     for name, f in metrics["fields"].items():
         text = [f"{f[k]:.3f}" for k in ("normalised_match", "char_f1", "rouge_l")] if "char_f1" in f else ["-"] * 3
         acc = f"{f['accuracy']:.2%}" if "accuracy" in f else "-"
-        fields.add_row(name, f["type"], f"{f['exact_match']:.2%}", acc, *text)
+        fields.add_row(shown(name), shown(f["type"]), f"{f['exact_match']:.2%}", acc, *text)
     console.print(fields)
 
 
@@ -47,7 +48,7 @@ def extract_train(
     cfg = load_extraction_config(config, overrides or [])
     with training_progress() as progress:
         result = train_extraction(cfg, progress=progress)
-    _train_summary(result)
+    render_train_summary(result)
 
 
 @app.command()
@@ -59,8 +60,16 @@ def extract(
     """Extract one schema-valid JSON record per message."""
     import json
 
+    from taskling.data.load import is_unicode
+    from taskling.errors import DataError
     from taskling.extract.extractor import Extractor
 
+    for number, message in enumerate(text, start=1):
+        if not is_unicode(message):  # undecodable bytes on the command line arrive as lone surrogates
+            raise DataError(
+                f"message {number} is not valid UTF-8 text: {ascii(message)[:80]}",
+                fix="pass UTF-8 text (check the terminal's or the calling program's encoding)",
+            )
     extractor = Extractor.from_run(run_dir)
     for result in extractor.extract(text):
         # One JSON object per line, so the output pipes straight into jq or a JSONL file.
@@ -79,7 +88,7 @@ def extract_eval(
 
     result = evaluate_extraction(run_dir, data, out_dir=out)
     _render_extraction(result.metrics)
-    console.print(f"wrote {result.metrics_path} and {result.predictions_path}")
+    console.print(f"wrote {shown(result.metrics_path)} and {shown(result.predictions_path)}")
 
 
 @app.command()
@@ -95,7 +104,9 @@ def pairs(
     from taskling.train.dpo import build_pairs
 
     path, counts = build_pairs(run_dir, out, data=data, teacher=teacher, margin_below=margin_below)
-    console.print(f"wrote {counts['pairs']} pairs to {path}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    console.print(
+        f"wrote {counts['pairs']} pairs to {shown(path)}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
 
 
 @app.command("dpo")
@@ -111,12 +122,13 @@ def dpo_cmd(
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 4,
 ) -> None:
     """Refine a run's adapter with DPO on preference pairs; with --gold, report if it helped."""
-    from taskling.train.dpo import compare, dpo
+    from taskling.evaluate.refine import compare
+    from taskling.train.dpo import dpo
 
     with console.status("DPO: refining the adapter"):
         result = dpo(run_dir, pairs_file, out, beta=beta, learning_rate=lr, epochs=epochs, batch_size=batch_size)
     console.print(
-        f"{result.run_dir}: {result.pairs} pairs, {result.steps} steps, loss {result.first_loss:.4f} -> "
+        f"{shown(result.run_dir)}: {result.pairs} pairs, {result.steps} steps, loss {result.first_loss:.4f} -> "
         f"{result.last_loss:.4f}, chosen preferred on {result.reward_accuracy:.0%} of pairs"
     )
     if gold is None:
@@ -126,6 +138,8 @@ def dpo_cmd(
     for col in ("category / field", "before", "after", "change", "support"):
         table.add_column(col)
     for name, row in sorted(report["per_category"].items(), key=lambda kv: kv[1]["delta"]):
-        table.add_row(name, f"{row['before']:.0%}", f"{row['after']:.0%}", f"{row['delta']:+.0%}", str(row["support"]))
+        table.add_row(
+            shown(name), f"{row['before']:.0%}", f"{row['after']:.0%}", f"{row['delta']:+.0%}", str(row["support"])
+        )
     console.print(table)
     console.print("gate: " + ("[green]passed[/]" if report["gate_passed"] else "[red]failed[/]"))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from taskling.cli.common import (
@@ -14,6 +15,10 @@ from taskling.cli.common import (
     friendly_errors,
 )
 from taskling.errors import TasklingError
+from taskling.rundir import RunDir
+
+# Labels, texts, run and file names come from the user: every one printed through rich goes
+# through `escape`, so "[b]x[/b]" or "[/]" in a label or a path is shown as written.
 
 
 @app.command("monitor")
@@ -29,18 +34,18 @@ def monitor_cmd(
     """Drift report over the log window; exits 1 when any check is over its threshold."""
     from taskling.monitor.drift import load_monitor_config, monitor, write_report
 
-    with console.status(f"checking {run_dir} since {since}"):
+    with console.status(f"checking {escape(str(run_dir))} since {escape(since)}"):
         report = monitor(run_dir, since=since, url=db, config=load_monitor_config(config), adapter=adapter)
-        json_path, html_path = write_report(report, out or Path(run_dir) / "monitor")
-    table = Table(title=f"drift since {since}: {report.window['rows']} requests")
+        json_path, html_path = write_report(report, out or RunDir(run_dir).monitor)
+    table = Table(title=f"drift since {escape(since)}: {report.window['rows']} requests")
     for column in ("check", "status", "detail"):
         table.add_column(column)
     for s in report.signals:
-        table.add_row(s.name, "[bold red]ALARM[/]" if s.alarm else "[green]ok[/]", s.detail)
+        table.add_row(s.name, "[bold red]ALARM[/]" if s.alarm else "[green]ok[/]", escape(s.detail))
     console.print(table)
-    console.print(f"report: {html_path}  (json: {json_path})")
+    console.print(f"report: {escape(str(html_path))}  (json: {escape(str(json_path))})")
     if report.alarm:
-        console.print("[bold red]moved:[/] " + ", ".join(s.name for s in report.moved))
+        console.print("[bold red]moved:[/] " + escape(", ".join(s.name for s in report.moved)))
         raise typer.Exit(1)
 
 
@@ -71,12 +76,12 @@ def sample_cmd(
         )
     picked = sum(r["picked"] == "active" for r in result.rows)
     console.print(
-        f"{len(result.rows)} of {result.considered} rows -> {out} "
+        f"{len(result.rows)} of {result.considered} rows -> {escape(str(out))} "
         f"({picked} active, {len(result.rows) - picked} random); "
-        f"excluded: {result.excluded}"
+        f"excluded: {escape(str(result.excluded))}"
     )
     console.print(
-        "next: correct each row's `label` (or run the teacher), then taskling retrain CONFIG --data " + str(out)
+        "next: correct each row's `label` (or run the teacher), then taskling retrain CONFIG --data " + escape(str(out))
     )
 
 
@@ -93,16 +98,24 @@ def retrain_cmd(
     candidate: Annotated[
         Path | None, typer.Option(help="Candidate run dir (default: beside the production run).")
     ] = None,
+    margin: Annotated[
+        float, typer.Option(help="Largest accuracy drop allowed against production, significant or not.")
+    ] = 0.01,
+    category_margin: Annotated[
+        float, typer.Option("--category-margin", help="Largest accuracy drop allowed in any category.")
+    ] = 0.10,
 ) -> None:
     """New training version (cleaned, gold-leak free) -> train a candidate -> gate -> promote if it passes."""
     from taskling.config import load_config
     from taskling.data.gold import load_version
+    from taskling.evaluate.gate import gate_settings
     from taskling.monitor.retrain import classifier_loader, lora_trainer, new_training_version, production_run, retrain
 
+    settings = gate_settings(margin=margin, category_margin=category_margin)  # bad values fail before training
     labels = list(load_config(config).task.labels)
     prod = production or production_run(registry)
-    version = new_training_version(versions, data, labels, base_train=prod / "data" / "train.jsonl", gold_roots=[gold])
-    console.print(f"training version {version.path}: {version.counts}")
+    version = new_training_version(versions, data, labels, base_train=RunDir(prod).train_data, gold_roots=[gold])
+    console.print(f"training version {escape(str(version.path))}: {version.counts}")
     cand = candidate or prod.parent / f"candidate-{version.name}"
     result = retrain(
         version.train_file,
@@ -113,14 +126,21 @@ def retrain_cmd(
         registry=registry,
         trainer=lora_trainer(config),
         loader=classifier_loader,
+        gate_settings=settings,
     )
     verdict = "[green]PROMOTED[/]" if result.promoted else "[bold red]BLOCKED[/]"
     console.print(
-        f"{verdict} {cand}: accuracy {result.candidate_accuracy:.2%} vs production {result.production_accuracy:.2%} "
-        f"on gold {result.gold}"
+        f"{verdict} {escape(str(cand))}: accuracy {result.candidate_accuracy:.2%} vs production "
+        f"{result.production_accuracy:.2%} on gold {escape(result.gold)}"
+    )
+    ni = result.verdict["non_inferiority"]
+    console.print(
+        f"  non-inferiority: accuracy dropped {ni['accuracy_drop']:+.2%} (margin {ni['margin']:.2%}); "
+        f"category margin {ni['category_margin']:.0%}"
+        + (f", beyond it: {escape(', '.join(ni['categories_over_margin']))}" if ni["categories_over_margin"] else "")
     )
     for failure in result.verdict["failed"]:
-        console.print(f"  failed {failure}")
+        console.print(f"  failed {escape(failure)}")
     if not result.promoted:
         raise typer.Exit(1)
 
@@ -142,14 +162,14 @@ def gold_add_cmd(
     """Write the next gold version: the latest rows plus the new ones (older versions stay)."""
     from taskling.data.gold import add_gold
     from taskling.data.load import load_files
-    from taskling.evaluate.gate import read_labels, task_labels
+    from taskling.evaluate.baseline import read_labels, task_labels
 
     label_set = task_labels(Path(labels)) if Path(labels).is_dir() else read_labels(labels)
     train_rows = load_files(train).examples if train else []
     result = add_gold(gold_root, files, label_set or [], train=train_rows)
     console.print(
-        f"gold {result.version.tag}: {len(result.version.rows)} rows ({result.added} added, "
-        f"{len(result.rejected)} rejected -> {result.version.path / 'rejected.jsonl'})"
+        f"gold {escape(result.version.tag)}: {len(result.version.rows)} rows ({result.added} added, "
+        f"{len(result.rejected)} rejected -> {escape(str(result.version.path / 'rejected.jsonl'))})"
     )
 
 
@@ -164,14 +184,15 @@ def calibrate_cmd(
 ) -> None:
     """Choose the `unknown` threshold on validation data (abstain.json) and the monitor's confidence reference."""
     from taskling.data.load import load_file
-    from taskling.monitor.drift import MonitorConfig, calibrate
+    from taskling.monitor.config import MonitorConfig
+    from taskling.monitor.reference import calibrate
     from taskling.serve.abstain import calibrate_threshold
     from taskling.serve.classifier import Classifier
 
     if metric not in ("probability", "margin"):
         raise TasklingError(f"--metric {metric!r} is unknown", fix="use --metric probability or --metric margin")
     clf = Classifier.from_run(run_dir)
-    rows = load_file(data or run_dir / "data" / "validation.jsonl", clf.task).examples
+    rows = load_file(data or RunDir(run_dir).validation_data, clf.task).examples
     extra = load_file(oos).examples if oos else []
     with console.status(f"classifying {len(rows) + len(extra)} validation rows"):
         preds = clf.predict([ex.text for ex in [*rows, *extra]])
@@ -187,5 +208,5 @@ def calibrate_cmd(
     recall = "" if threshold.oos_recall is None else f", OOS recall {threshold.oos_recall:.1%}"
     console.print(
         f"abstain when {metric} < {threshold.value:.4f} ({threshold.method}): in-scope accuracy "
-        f"{threshold.in_scope_accuracy:.1%}, coverage {threshold.in_scope_coverage:.1%}{recall} -> {path}"
+        f"{threshold.in_scope_accuracy:.1%}, coverage {threshold.in_scope_coverage:.1%}{recall} -> " + escape(str(path))
     )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from taskling.cli.common import (
     app,
@@ -35,6 +37,9 @@ def serve(
         str | None,
         typer.Option(help="Prediction log URL (default sqlite RUN_DIR/predictions.db; or TASKLING_LOG_URL)."),
     ] = None,
+    retain_days: Annotated[
+        float | None, typer.Option(help="Delete logged predictions older than this many days (at start, then hourly).")
+    ] = None,
     max_batch: Annotated[int, typer.Option(help="Texts per forward pass.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="How long to wait to fill a batch.")] = 2.0,
     max_queue: Annotated[int, typer.Option(help="Requests waiting before 503.")] = 256,
@@ -47,13 +52,15 @@ def serve(
         str | None, typer.Option(help="int8: dynamic int8 on the CPU (gate it first: taskling eval --quantize).")
     ] = None,
 ) -> None:
-    """Serve RUN_DIR over HTTP: /v1/classify, /v1/chat/completions, /healthz, /metrics."""
+    """Serve RUN_DIR over HTTP: /v1/classify, /v1/chat/completions, /healthz, /metrics.
+
+    Prints "ready" on stderr once the model is loaded and requests are answered.
+    """
     from taskling.serve.server import ServeSettings
     from taskling.serve.server import serve as run_server
+    from taskling.serve.settings import read_api_key
 
-    key = os.environ.get("TASKLING_API_KEY") or None
-    if api_key_file is not None:
-        key = api_key_file.read_text(encoding="utf-8").strip() or None
+    key = read_api_key(api_key_file) if api_key_file is not None else os.environ.get("TASKLING_API_KEY") or None
     settings = ServeSettings(
         host=host,
         port=port,
@@ -61,6 +68,7 @@ def serve(
         adapters_dir=adapters_dir,
         api_key=key,
         log_url=log_url or os.environ.get("TASKLING_LOG_URL") or None,
+        retain_days=retain_days,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         max_queue=max_queue,
@@ -71,8 +79,9 @@ def serve(
         dtype=dtype,
         quantize=quantize,
     )
-    err_console.print(f"serving {run_dir} on http://{host}:{port} (API key {'required' if key else 'off'})")
-    run_server(run_dir, settings)
+    err_console.print(Text(f"loading {run_dir} ..."))
+    ready = f"ready: serving {run_dir} on http://{host}:{port} (API key {'required' if key else 'off'})"
+    run_server(run_dir, settings, on_ready=lambda: err_console.print(Text(ready)))
 
 
 @app.command()
@@ -99,18 +108,24 @@ def logs(
     rows = read_rows(url, limit=limit, label=label, adapter=adapter, max_probability=max_probability, newest=True)
     if export is not None:
         n = export_jsonl(rows, export)
-        console.print(f"wrote {n} rows to {export}")
+        console.print(Text(f"wrote {n} rows to {export}"))
         return
+    console.print(log_table(rows, count_rows(url)))
+
+
+def log_table(rows: Iterable[dict[str, Any]], total: int) -> Table:
+    """Logged rows as a table; their text, labels and adapter names are shown as text, never as markup."""
     import datetime as dt
 
-    table = Table(title=f"prediction log ({count_rows(url)} rows in all)")
+    table = Table(title=f"prediction log ({total} rows in all)")
     for col in ("time (UTC)", "adapter", "label", "p", "ms", "text"):
         table.add_column(col)
     for row in rows:
-        when = dt.datetime.fromtimestamp(row["time"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        when = dt.datetime.fromtimestamp(row["time"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         text = row["text"] if len(row["text"]) <= 80 else row["text"][:77] + "..."
-        table.add_row(when, row["adapter"], row["label"], f"{row['probability']:.2f}", f"{row['latency_ms']:.1f}", text)
-    console.print(table)
+        cells = (row["adapter"], row["label"], f"{row['probability']:.2f}", f"{row['latency_ms']:.1f}", text)
+        table.add_row(when, *(Text(str(cell)) for cell in cells))
+    return table
 
 
 @app.command("export")
@@ -125,13 +140,13 @@ def export_cmd(
     """Export a run: merged safetensors, GGUF, an Ollama Modelfile, or a vLLM LoRA launch line."""
     from taskling.export.exporter import export
 
-    with console.status(f"exporting {run_dir} to {to} (writing, then checking the result)"):
+    with console.status(Text(f"exporting {run_dir} to {to} (writing, then checking the result)")):
         result = export(run_dir, to, out, quant=quant, dtype=dtype)
-    table = Table(title=f"export: {to}", show_header=False)
-    table.add_row("directory", str(result.out_dir))
+    table = Table(title=Text(f"export: {to}"), show_header=False)
+    table.add_row("directory", Text(str(result.out_dir)))
     for name in sorted(result.files):
         size = (result.out_dir / name).stat().st_size
-        table.add_row(name, f"{size / 1e6:.1f} MB  sha256 {result.files[name][:12]}")
+        table.add_row(Text(name), f"{size / 1e6:.1f} MB  sha256 {result.files[name][:12]}")
     gguf_checks = result.checks.get("gguf", {})
     if "logits_max_relative_diff" in gguf_checks:
         table.add_row("GGUF round trip", f"logits within {gguf_checks['logits_max_relative_diff']:.2e} (relative)")
@@ -140,9 +155,9 @@ def export_cmd(
         table.add_row("labels agree with the run", f"{labels['agree']}/{labels['texts']}")
     console.print(table)
     if to == "ollama":
-        console.print(f"next: cd {result.out_dir} && ollama create NAME -f Modelfile")
+        console.print(Text(f"next: cd {result.out_dir} && ollama create NAME -f Modelfile"))
     elif to == "vllm":
-        console.print(f"next: bash {result.out_dir / 'launch.sh'}")
+        console.print(Text(f"next: bash {result.out_dir / 'launch.sh'}"))
 
 
 @app.command("predict-batch")
@@ -172,6 +187,5 @@ def predict_batch_cmd(
         workers=workers,
         threads=threads,
     )
-    console.print(
-        f"wrote {result.rows} rows to {result.output_path} ({result.rows_per_second:.1f} rows/s, {result.engine})"
-    )
+    rate = f"{result.rows_per_second:.1f} rows/s, {result.engine}"
+    console.print(Text(f"wrote {result.rows} rows to {result.output_path} ({rate})"))

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from taskling.cli.common import (
-    _train_summary,
     app,
     console,
     friendly_errors,
     render_metrics,
+    render_train_summary,
     training_progress,
 )
-from taskling.errors import TasklingError
+from taskling.errors import DataError, TasklingError
 
 
 @app.command()
@@ -33,7 +36,7 @@ def train(
     cfg = load_config(config, overrides or [])
     with training_progress() as update:
         result = run_training(cfg, resume=not fresh, progress=update)
-    _train_summary(result)
+    render_train_summary(result)
 
 
 @app.command("eval")
@@ -56,7 +59,66 @@ def eval_cmd(
     out = out or (run_dir / quantize if quantize else None)
     result = evaluate(run_dir, data, out_dir=out, batch_size=batch_size, classifier=clf)
     render_metrics(result.metrics)
-    console.print(f"wrote {result.metrics_path} and {result.predictions_path}")
+    console.print(Text(f"wrote {result.metrics_path} and {result.predictions_path}"))
+
+
+@dataclass
+class Message:
+    """One input of `classify`: where it came from (`line` 3, `argument` 1), its text, and why it cannot be used."""
+
+    source: str
+    number: int
+    text: str
+    problem: str | None = None
+
+
+def check_message(source: str, number: int, text: str) -> Message:
+    if not text.strip():
+        return Message(source, number, text, "empty message")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return Message(source, number, text, "not valid Unicode text (an unpaired surrogate)")
+    return Message(source, number, text)
+
+
+def read_lines(file: Path) -> list[Message]:
+    """Every line of `file` ('-': stdin), blank ones included, so outputs line up with inputs."""
+    if str(file) == "-":
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    else:
+        try:
+            data = file.read_bytes()
+        except OSError as err:
+            raise DataError(f"cannot read the file ({err.strerror})", path=file, fix="check the --file path") from None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line starts no new one
+    messages = []
+    for number, raw in enumerate(lines, start=1):
+        try:
+            text = raw.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            messages.append(Message("line", number, "", f"not UTF-8 text (byte {raw[exc.start]:#04x})"))
+            continue
+        messages.append(check_message("line", number, text))
+    return messages
+
+
+def render_prediction(pred: Any, top: int, as_json: bool) -> None:
+    ranked = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[:top]
+    if as_json:
+        typer.echo(json.dumps({"text": pred.text, "label": pred.label, "top": dict(ranked)}, ensure_ascii=False))
+        return
+    alts = ", ".join(f"{label} {p:.2f}" for label, p in ranked)
+    console.print(Text.assemble((pred.label, "bold"), "  ", (alts, "dim"), "  ", pred.text), soft_wrap=True)
+
+
+def render_problem(message: Message, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({message.source: message.number, "error": message.problem}))
+    else:
+        console.print(Text(f"{message.source} {message.number}: {message.problem}", style="bold red"))
 
 
 @app.command()
@@ -69,25 +131,30 @@ def classify(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
     quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 on the CPU (faster, measure it).")] = None,
 ) -> None:
-    """Classify messages: the answer is always one label of the set, with probabilities."""
-    import json
+    """Classify messages: the answer is always one label of the set, with probabilities.
 
+    One output row per input, in order: the arguments, then every line of --file. An empty
+    line (or one that is not UTF-8 text) gets a flagged row in its place, e.g. JSON
+    {"line": 3, "error": "empty message"}, and the exit code is then 1. Exit code 0: every
+    message classified; 2: nothing could be classified (no run, no input).
+    """
     from taskling.serve.classifier import Classifier
 
-    items = list(texts or [])
+    messages = [check_message("argument", i, t) for i, t in enumerate(texts or [], start=1)]
     if file is not None:
-        stream = sys.stdin if str(file) == "-" else file.open(encoding="utf-8")
-        items += [line.rstrip("\n") for line in stream if line.strip()]
-    if not items:
+        messages += read_lines(file)
+    if not messages:
         raise TasklingError("nothing to classify", fix="give messages as arguments or --file messages.txt")
     clf = Classifier.from_run(run_dir, quantize=quantize)
-    for pred in clf.predict(items):
-        ranked = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[:top]
-        if as_json:
-            typer.echo(json.dumps({"text": pred.text, "label": pred.label, "top": dict(ranked)}, ensure_ascii=False))
+    good = [m for m in messages if m.problem is None]
+    predictions = iter(clf.predict([m.text for m in good]) if good else [])
+    for message in messages:
+        if message.problem is None:
+            render_prediction(next(predictions), top, as_json)
         else:
-            alts = ", ".join(f"{label} {p:.2f}" for label, p in ranked)
-            console.print(f"[bold]{pred.label}[/]  [dim]{alts}[/]  {pred.text}")
+            render_problem(message, as_json)
+    if len(good) < len(messages):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -108,13 +175,20 @@ def demo(
     config, gold = prepare_demo(
         run_dir, data_dir=data_dir, intents=intents, train_per_intent=train_per_intent, epochs=epochs, base=base
     )
-    console.print(f"[bold]demo[/]: {intents} CLINC150 intents, {train_per_intent} training rows each, base {base}")
+    console.print(
+        Text.assemble(
+            ("demo", "bold"), f": {intents} CLINC150 intents, {train_per_intent} training rows each, base {base}"
+        )
+    )
     with training_progress() as update:
         result = run_training(config, resume=False, progress=update)
-    _train_summary(result)
+    render_train_summary(result)
     evaluation = evaluate(run_dir, gold)
     render_metrics(evaluation.metrics, title=f"report card: held-out CLINC150 test rows ({gold})")
+    metrics = evaluation.metrics
     console.print(
-        f"[bold green]demo accuracy: {evaluation.metrics.accuracy:.2%}[/] on {evaluation.metrics.n} held-out rows "
-        f"({evaluation.metrics.n / evaluation.seconds:.0f} messages/s)"
+        Text.assemble(
+            (f"demo accuracy: {metrics.accuracy:.2%}", "bold green"),
+            f" on {metrics.n} held-out rows ({metrics.n / evaluation.seconds:.0f} messages/s)",
+        )
     )

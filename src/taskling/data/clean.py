@@ -8,48 +8,31 @@
 - `rejected`: not used, with the reason (an exact or near duplicate of a kept row, a row
   that copies the frozen gold set).
 
-Near-duplicates are found with MinHash/LSH over character shingles (fast at 100k rows),
-or with all-MiniLM-L6-v2 embeddings for semantic near-duplicates on smaller sets. Every
-candidate pair from LSH is verified with the true Jaccard similarity, so the threshold
-means what it says. Likely label errors come from confident learning (cleanlab) over
-out-of-fold probabilities of a cheap softmax regression on TF-IDF or MiniLM features.
+Duplicates and gold copies are found by `taskling.data.dedupe`. Likely label errors come
+from confident learning (cleanlab) over out-of-fold probabilities of a cheap softmax
+regression on TF-IDF or MiniLM features.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
-import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from taskling.data.dedupe import DedupeConfig, duplicate_clusters, find_leaks, normalize
 from taskling.data.load import Example
 
 log = logging.getLogger(__name__)
 
-_NON_WORD = re.compile(r"[^\w]+")
 
+class CleanConfig(DedupeConfig):
+    """Thresholds for dedupe (see `DedupeConfig`) and label-error detection (unknown keys are errors)."""
 
-class CleanConfig(BaseModel):
-    """Thresholds for dedupe and label-error detection (unknown keys are errors)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # "minhash": character-shingle Jaccard (fast, catches edits); "embedding": MiniLM cosine
-    # (slower, catches paraphrases); "off": exact duplicates only.
-    near_duplicates: Literal["minhash", "embedding", "off"] = "minhash"
-    shingle_size: int = Field(4, ge=2, le=10)
-    # Jaccard similarity of shingle sets at or above which two texts are near-duplicates.
-    minhash_threshold: float = Field(0.7, gt=0.0, le=1.0)
-    num_perm: int = Field(64, ge=16, le=512)
-    # Cosine similarity for embedding near-duplicates.
-    embedding_threshold: float = Field(0.95, gt=0.0, le=1.0)
     label_errors: bool = True
     label_model: Literal["tfidf", "minilm"] = "tfidf"
     cv_folds: int = Field(5, ge=2, le=20)
@@ -62,136 +45,6 @@ class CleanConfig(BaseModel):
     # (10-30x slower) when the cores are shared.
     threads: int = Field(1, ge=1)
     seed: int = 0
-
-
-def normalize(text: str) -> str:
-    """The form duplicates are compared in: NFKC, case-folded, punctuation and spacing collapsed."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(_NON_WORD.sub(" ", text).split())
-
-
-def text_key(text: str) -> str:
-    """A stable hash of the normalised text (what the gold manifest stores)."""
-    return hashlib.sha256(normalize(text).encode("utf-8")).hexdigest()
-
-
-def shingles(text: str, size: int) -> set[bytes]:
-    padded = f" {normalize(text)} "
-    if len(padded) <= size:
-        return {padded.encode("utf-8")}
-    return {padded[i : i + size].encode("utf-8") for i in range(len(padded) - size + 1)}
-
-
-def jaccard(a: set[bytes], b: set[bytes]) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
-
-
-# ---------------------------------------------------------------- near-duplicate index
-
-
-class NearIndex:
-    """Texts indexed for near-duplicate lookup (MinHash/LSH or embeddings)."""
-
-    def __init__(self, texts: Sequence[str], config: CleanConfig) -> None:
-        self.config = config
-        self.method = config.near_duplicates
-        self.texts = list(texts)
-        if self.method == "minhash":
-            from datasketch import MinHash, MinHashLSH
-
-            self._shingles = [shingles(t, config.shingle_size) for t in self.texts]
-            self._hashes = MinHash.bulk(self._shingles, num_perm=config.num_perm, seed=1)
-            # LSH tuned a little below the threshold finds more true pairs; the exact Jaccard
-            # check in `_verified` removes the extra candidates.
-            lsh_threshold = max(0.1, config.minhash_threshold - 0.2)
-            self._lsh = MinHashLSH(threshold=lsh_threshold, num_perm=config.num_perm)
-            with self._lsh.insertion_session() as session:
-                for i, mh in enumerate(self._hashes):
-                    session.insert(i, mh, check_duplication=False)
-        elif self.method == "embedding":
-            from taskling.model.embed import embed
-
-            self._vectors = embed(self.texts)
-
-    def query(self, texts: Sequence[str]) -> list[list[tuple[int, float]]]:
-        """For each text, the indexed texts at or above the threshold, as (index, similarity)."""
-        if self.method == "off" or not self.texts:
-            return [[] for _ in texts]
-        if self.method == "embedding":
-            from taskling.model.embed import embed
-
-            return self._vector_matches(embed(texts))
-        from datasketch import MinHash
-
-        sets = [shingles(t, self.config.shingle_size) for t in texts]
-        hashes = MinHash.bulk(sets, num_perm=self.config.num_perm, seed=1)
-        return [self._verified(s, self._lsh.query(mh)) for s, mh in zip(sets, hashes, strict=True)]
-
-    def self_pairs(self) -> list[tuple[int, int, float]]:
-        """Pairs (i < j) of indexed texts that are near-duplicates of each other."""
-        pairs: list[tuple[int, int, float]] = []
-        if self.method == "minhash":
-            for i, mh in enumerate(self._hashes):
-                cands = [j for j in self._lsh.query(mh) if j > i]
-                pairs.extend((i, j, sim) for j, sim in self._verified(self._shingles[i], cands))
-        elif self.method == "embedding":
-            for i, matches in enumerate(self._vector_matches(self._vectors)):
-                pairs.extend((i, j, sim) for j, sim in matches if j > i)
-        return pairs
-
-    def _verified(self, s: set[bytes], candidates: Sequence[int]) -> list[tuple[int, float]]:
-        # LSH gives candidates with false positives; the true Jaccard decides.
-        out = []
-        for j in candidates:
-            sim = jaccard(s, self._shingles[j])
-            if sim >= self.config.minhash_threshold:
-                out.append((int(j), sim))
-        return out
-
-    def _vector_matches(self, queries: np.ndarray) -> list[list[tuple[int, float]]]:
-        out: list[list[tuple[int, float]]] = []
-        for start in range(0, len(queries), 1024):  # blocks keep the similarity matrix small
-            sims = queries[start : start + 1024] @ self._vectors.T
-            for row in sims:
-                hits = np.nonzero(row >= self.config.embedding_threshold)[0]
-                out.append([(int(j), float(row[j])) for j in hits])
-        return out
-
-
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)  # the earliest row stays the root
-
-
-def duplicate_clusters(texts: Sequence[str], config: CleanConfig) -> list[list[int]]:
-    """Groups (2+ rows, each sorted) of rows whose texts are exact or near duplicates."""
-    by_norm: dict[str, list[int]] = defaultdict(list)
-    for i, text in enumerate(texts):
-        by_norm[normalize(text)].append(i)
-    reps = [rows[0] for rows in by_norm.values()]
-    uf = _UnionFind(len(texts))
-    for rows in by_norm.values():
-        for i in rows[1:]:
-            uf.union(rows[0], i)
-    if config.near_duplicates != "off" and len(reps) > 1:
-        index = NearIndex([texts[i] for i in reps], config)
-        for a, b, _ in index.self_pairs():
-            uf.union(reps[a], reps[b])
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(texts)):
-        groups[uf.find(i)].append(i)
-    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
 
 
 # ---------------------------------------------------------------- label errors
@@ -388,8 +241,6 @@ def clean_examples(
     result = CleanResult(decisions=[])
 
     if gold:
-        from taskling.data.split import find_leaks
-
         for leak in find_leaks(examples, gold, config):
             decisions[leak["index"]] = Decision("rejected", "gold_leak", leak["detail"])
             result.leaks.append(leak)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from taskling.config import ProjectConfig, build_config
 from taskling.errors import DataError
-from taskling.io import write_jsonl, write_text
+from taskling.io import read_jsonl, write_jsonl, write_text
+from taskling.rundir import RunDir
 
 CLINC_ENV = "TASKLING_CLINC_DIR"
 INSTRUCTION = "Classify the banking, travel or assistant request into its intent. Answer with the intent name only."
@@ -39,10 +40,8 @@ def find_clinc(explicit: str | Path | None = None) -> Path:
 
 def _rows_by_label(path: Path) -> dict[str, list[dict[str, str]]]:
     grouped: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            grouped[row["label"]].append({"text": row["text"], "label": row["label"]})
+    for row in read_jsonl(path):
+        grouped[row["label"]].append({"text": row["text"], "label": row["label"]})
     return grouped
 
 
@@ -68,7 +67,7 @@ def prepare_demo(
     clinc = find_clinc(data_dir)
     labels = pick_intents(clinc, intents)
     run_dir = Path(run_dir)
-    source = run_dir / "source"
+    source = RunDir(run_dir).source
     splits = {
         "train": (clinc / "train.jsonl", train_per_intent),
         "validation": (clinc / "validation.jsonl", validation_per_intent),

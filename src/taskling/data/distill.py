@@ -31,9 +31,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from taskling.data.clean import CleanConfig, build_report, clean_examples
-from taskling.data.load import Example
-from taskling.errors import DataError
-from taskling.io import write_jsonl, write_text
+from taskling.data.load import Example, is_unicode, parse_jsonl_lines
+from taskling.errors import ConfigError, DataError
+from taskling.io import write_json, write_jsonl
 from taskling.task import Task
 
 log = logging.getLogger(__name__)
@@ -167,33 +167,24 @@ def parse_log_row(row: Any) -> tuple[str, str, float | None, dict[str, Any]]:
 
 
 def read_logs(paths: Iterable[str | Path]) -> tuple[list[LogRow], list[dict[str, Any]]]:
-    """Parse log files: usable rows, and bad rows as records with a reason."""
+    """Parse log files: usable rows, and bad rows as records with a reason, file and line."""
     rows: list[LogRow] = []
     bad: list[dict[str, Any]] = []
     for path in map(Path, paths):
         if not path.is_file():
             raise DataError("log file does not exist", path=path, fix="check the LOGS paths")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
+        for parsed in parse_jsonl_lines(path):
             try:
-                try:
-                    parsed = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise _Skip("malformed", f"invalid JSON: {err.msg}") from None
-                text, label, confidence, meta = parse_log_row(parsed)
+                if parsed.reason:
+                    raise _Skip(parsed.reason, parsed.detail)
+                if not is_unicode(json.dumps(parsed.value, ensure_ascii=False)):
+                    raise _Skip("malformed", "an unpaired surrogate escape (not valid Unicode)")
+                text, label, confidence, meta = parse_log_row(parsed.value)
             except _Skip as skip:
-                bad.append(
-                    {
-                        "raw": line[:500],
-                        "reason": skip.reason,
-                        "detail": skip.detail,
-                        "source": str(path),
-                        "line": number,
-                    }
-                )
+                record = {"raw": parsed.raw.rstrip("\r\n")[:500], "reason": skip.reason, "detail": skip.detail}
+                bad.append({**record, "source": str(path), "line": parsed.line})
                 continue
-            rows.append(LogRow(text, label, str(path), number, confidence, meta))
+            rows.append(LogRow(text, label, str(path), parsed.line, confidence, meta))
     return rows, bad
 
 
@@ -263,7 +254,7 @@ def distill(
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "review.jsonl", review)
     write_jsonl(out / "rejected.jsonl", rejected)
-    write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out / "report.json", report)
     log.info("distilled %d rows: %d train, %d review, %d rejected", rows_read, len(train), len(review), len(rejected))
     return DistillResult(out, rows_read, len(train), len(review), len(rejected), report)
 
@@ -280,16 +271,21 @@ def load_task_file(path: str | Path) -> Task:
     """A Task from YAML: a task file (`labels` or `labels_file`), or a project config's `task:`."""
     import yaml
 
-    from taskling.config import ConfigError, _resolve_paths
+    from taskling.config import resolve_paths
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"task file {path} does not exist", fix="give --task task.yaml or a project config")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text", fix="re-save the task file as UTF-8") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}", fix="fix the YAML syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with `labels` (or a `task:` section)")
     section = raw["task"] if isinstance(raw.get("task"), dict) else raw
-    section = _resolve_paths({"task": section}, path.parent.resolve())["task"]
+    section = resolve_paths({"task": section}, path.parent.resolve())["task"]
     try:
         return Task.model_validate(section)
     except ValueError as err:

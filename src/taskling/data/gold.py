@@ -8,13 +8,12 @@ read any version. The manifest adds `version`, `parent` and how many rows were a
 minus new rows that repeat a gold row already there or copy a training row (a gold row the
 model trained on would flatter every score). Dropped rows are counted and written to the
 version's `rejected.jsonl`, never dropped silently. Old versions stay for comparison, and
-every score written by `score_on_gold` names the version and content hash it used.
+every score written by `taskling.monitor.retrain.score_on_gold` names the version and content hash it used.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -22,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskling.data.clean import CleanConfig, normalize, text_key
+from taskling.data.clean import CleanConfig
+from taskling.data.dedupe import find_leaks, normalize, text_key
 from taskling.data.load import Example, content_hash, label_counts, load_file, write_examples
-from taskling.data.split import MANIFEST, MANIFEST_FORMAT, find_leaks, load_gold
+from taskling.data.split import MANIFEST, MANIFEST_FORMAT, dedupe_settings, load_gold, write_gold_manifest
 from taskling.errors import DataError
-from taskling.io import write_jsonl, write_text
+from taskling.io import write_jsonl
 from taskling.task import Task
 
 log = logging.getLogger(__name__)
@@ -159,38 +159,10 @@ def add_gold(
         "rows": len(rows),
         "content_hash": content_hash(rows),
         "label_counts": label_counts(rows),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "near_duplicates": config.model_dump(
-            include={"near_duplicates", "shingle_size", "minhash_threshold", "num_perm", "embedding_threshold"}
-        ),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "near_duplicates": dedupe_settings(config),
         "text_hashes": sorted({text_key(ex.text) for ex in rows}),
     }
-    with (folder / MANIFEST).open("x", encoding="utf-8") as fh:
-        fh.write(json.dumps(manifest, indent=2) + "\n")
+    write_gold_manifest(folder / MANIFEST, manifest)
     log.info("gold %s: %d rows (%d added, %d rejected)", folder, len(rows), len(kept), len(rejected))
     return AddResult(load_version(root, folder.name), len(kept), rejected)
-
-
-def score_on_gold(predictor: Any, gold: GoldVersion, labels: Sequence[str], out_dir: str | Path) -> dict[str, Any]:
-    """Score `predictor` on a gold version; writes metrics.json and predictions.jsonl naming it."""
-    from taskling.evaluate.metrics import score
-
-    texts = [ex.text for ex in gold.rows]
-    predictions = predictor.predict(texts)
-    predicted = [p.label for p in predictions]
-    metrics = score([ex.label for ex in gold.rows], predicted, labels)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "gold_version": gold.name,
-        "gold_tag": gold.tag,
-        "gold_hash": gold.content_hash,
-        "gold_file": str(gold.path / "gold.jsonl"),
-        "metrics": metrics.to_dict(),
-    }
-    write_text(out / "metrics.json", json.dumps(payload, indent=2))
-    write_jsonl(
-        out / "predictions.jsonl",
-        ({"text": ex.text, "gold": ex.label, "label": p} for ex, p in zip(gold.rows, predicted, strict=True)),
-    )
-    return {**payload, "predicted": predicted}

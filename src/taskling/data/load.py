@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import io
 import json
 import logging
 import random
@@ -190,17 +191,72 @@ def _check_pair(text: str, label: str, task: Task | None) -> tuple[str, str]:
     return text, label
 
 
+def _undecodable(path: Path, data: bytes, err: UnicodeDecodeError) -> DataError:
+    line = data[: err.start].count(b"\n") + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return DataError(
+        f"not UTF-8 text (byte {data[err.start]:#04x} at column {column})",
+        path=path,
+        line=line,
+        fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or fix that line",
+    )
+
+
+def read_utf8(path: Path) -> str:
+    """The whole file as text; bytes that are not UTF-8 raise a DataError naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _undecodable(path, data, err) from None
+
+
+@dataclass(frozen=True)
+class JsonLine:
+    """One non-blank line of a JSONL file: its parsed value, or why it could not be parsed."""
+
+    line: int
+    raw: str  # the line's text; bytes that are not UTF-8 show as U+FFFD
+    value: Any = None
+    reason: str = ""  # "" when the line parsed; else "not_utf8" or "malformed"
+    detail: str = ""
+
+
+def parse_jsonl_lines(path: Path) -> Iterator[JsonLine]:
+    """Every non-blank line of a JSONL file, parsed or not: for readers that count bad rows
+    instead of stopping (`taskling.io.iter_jsonl` stops at the first bad line)."""
+    with path.open("rb") as fh:
+        # Lines end at b"\n" only: JSON strings may hold U+2028, \x1c and friends unescaped.
+        for number, data in enumerate(fh, start=1):
+            raw = data.decode("utf-8", "replace")
+            if not raw.strip():
+                continue
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                column = err.start + 1
+                detail = f"not UTF-8 text (byte {data[err.start]:#04x} at column {column})"
+                yield JsonLine(number, raw, reason="not_utf8", detail=detail)
+                continue
+            try:
+                yield JsonLine(number, raw, json.loads(text))
+            except json.JSONDecodeError as err:
+                yield JsonLine(number, raw, reason="malformed", detail=f"invalid JSON: {err.msg}")
+            except RecursionError:
+                yield JsonLine(number, raw, reason="malformed", detail="JSON nested too deeply")
+
+
 def _iter_rows(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed row); a row that fails to parse yields the exception."""
     suffix = path.suffix.lower()
     if fmt == "csv" or (fmt == "auto" and suffix in (".csv", ".tsv")):
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            for row in reader:
-                yield reader.line_num, row
+        text = read_utf8(path)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        for row in reader:
+            yield reader.line_num, row
         return
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json" and text.lstrip().startswith("["):
+    text = read_utf8(path) if suffix == ".json" else ""
+    if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
@@ -212,16 +268,13 @@ def _iter_rows(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
         for i, row in enumerate(rows, start=1):
             yield i, row  # a JSON list has no line per row: number rows from 1
         return
-    # split("\n"), not splitlines(): JSON strings may hold U+2028, \x1c and friends unescaped.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            yield number, _RowError("malformed", f"invalid JSON: {err.msg}", "write one JSON object a line")
-        except RecursionError:
-            yield number, _RowError("malformed", "JSON nested too deeply", "flatten the row")
+    for parsed in parse_jsonl_lines(path):
+        if parsed.reason == "not_utf8":
+            yield parsed.line, _RowError(parsed.reason, parsed.detail, "re-save the file as UTF-8, or fix that line")
+        elif parsed.reason:
+            yield parsed.line, _RowError(parsed.reason, parsed.detail, "write one JSON object a line")
+        else:
+            yield parsed.line, parsed.value
 
 
 def load_file(
@@ -251,8 +304,6 @@ def load_file(
                 result.bad_rows.append(BadRow(str(path), line, err.reason, err.detail))
                 continue
             result.examples.append(Example(text, label, str(path), line))
-    except UnicodeDecodeError as err:
-        raise DataError(f"not UTF-8 text ({err.reason})", path=path, fix="re-save the file as UTF-8") from None
     except csv.Error as err:
         raise DataError(f"CSV error: {err}", path=path, fix="check quoting in the CSV file") from None
     if result.bad_rows:

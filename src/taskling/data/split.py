@@ -20,7 +20,6 @@ rows too: set `data.gold_manifest` in the project config.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import random
 from collections import defaultdict
@@ -31,10 +30,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from taskling.data.clean import CleanConfig, NearIndex, _UnionFind, duplicate_clusters, normalize, text_key
+from taskling.data.clean import CleanConfig
+from taskling.data.dedupe import DEDUPE_KEYS, DedupeConfig, UnionFind, duplicate_clusters, find_leaks, text_key
 from taskling.data.load import Example, content_hash, label_counts, load_file, write_examples
 from taskling.errors import DataError
-from taskling.io import write_jsonl, write_text
+from taskling.io import read_json, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -66,49 +66,13 @@ class SplitResult:
 # ---------------------------------------------------------------- leakage
 
 
-def find_leaks(
-    examples: Sequence[Example], gold: Sequence[Example], config: CleanConfig | None = None
-) -> list[dict[str, Any]]:
-    """Rows of `examples` that copy a gold row: the same normalised text, or a near-duplicate."""
-    config = config or CleanConfig()
-    gold_by_key = {normalize(g.text): j for j, g in enumerate(gold)}
-    leaks: list[dict[str, Any]] = []
-    rest = []
-    for i, ex in enumerate(examples):
-        j = gold_by_key.get(normalize(ex.text))
-        if j is None:
-            rest.append(i)
-        else:
-            leaks.append(_leak(i, ex, gold[j], "exact", 1.0))
-    if rest and config.near_duplicates != "off":
-        index = NearIndex([g.text for g in gold], config)
-        for i, matches in zip(rest, index.query([examples[i].text for i in rest]), strict=True):
-            if matches:
-                j, sim = max(matches, key=lambda m: m[1])
-                leaks.append(_leak(i, examples[i], gold[j], "near", sim))
-    return sorted(leaks, key=lambda leak: leak["index"])
-
-
-def _leak(i: int, ex: Example, g: Example, kind: str, similarity: float) -> dict[str, Any]:
-    where = f"{ex.source}:{ex.line}" if ex.source else f"row {i + 1}"
-    gold_where = f"{g.source}:{g.line}" if g.source else "gold"
-    return {
-        "index": i,
-        "kind": kind,
-        "similarity": round(similarity, 3),
-        "text": ex.text,
-        "gold_text": g.text,
-        "detail": f"{where} {ex.text!r} {kind}-duplicates gold {gold_where} {g.text!r} (similarity {similarity:.2f})",
-    }
-
-
 def load_gold(manifest_path: str | Path) -> tuple[list[Example], dict[str, Any]]:
     """The frozen gold rows, after checking they still match the manifest's content hash."""
     manifest_path = Path(manifest_path)
     if not manifest_path.is_file():
         raise DataError("gold manifest does not exist", path=manifest_path, fix="run `taskling split` first")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("format") != MANIFEST_FORMAT:
+    manifest = read_json(manifest_path)
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DataError("not a taskling gold manifest", path=manifest_path, fix="point at gold.manifest.json")
     gold_path = manifest_path.parent / manifest["file"]
     gold = load_file(gold_path).examples
@@ -124,6 +88,27 @@ def load_gold(manifest_path: str | Path) -> tuple[list[Example], dict[str, Any]]
 def manifest_clean_config(manifest: dict[str, Any]) -> CleanConfig:
     """The near-duplicate settings the gold set was frozen with."""
     return CleanConfig(**manifest.get("near_duplicates", {}), label_errors=False)
+
+
+def refuse_refreeze(path: Path) -> None:
+    """A gold set is frozen once: raise when its manifest already exists."""
+    if path.exists():
+        raise DataError(
+            "a gold manifest is already here; gold sets are written once",
+            path=path,
+            fix="reuse it (split reads it), or write the new gold set to another folder",
+        )
+
+
+def write_gold_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write a gold manifest once, atomically; never over an existing one."""
+    refuse_refreeze(path)
+    write_json(path, manifest)
+
+
+def dedupe_settings(config: DedupeConfig) -> dict[str, Any]:
+    """The near-duplicate settings a gold manifest records."""
+    return config.model_dump(include=set(DEDUPE_KEYS))
 
 
 def assert_no_leakage(splits: dict[str, Sequence[Example]], manifest_path: str | Path, show: int = 5) -> None:
@@ -146,15 +131,12 @@ def assert_no_leakage(splits: dict[str, Sequence[Example]], manifest_path: str |
 # ---------------------------------------------------------------- splitting
 
 
-def _clusters(examples: Sequence[Example], config: CleanConfig) -> list[list[int]]:
-    uf = _UnionFind(len(examples))
+def _clusters(examples: Sequence[Example], config: DedupeConfig) -> list[list[int]]:
+    uf = UnionFind(len(examples))
     for group in duplicate_clusters([ex.text for ex in examples], config):
         for i in group[1:]:
             uf.union(group[0], i)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(examples)):
-        groups[uf.find(i)].append(i)
-    return list(groups.values())
+    return uf.groups()
 
 
 def _stratified_clusters(
@@ -237,13 +219,14 @@ def split_dataset(
             "gold": label_counts(gold),
         },
     }
-    write_text(out / "split.json", json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "split.json", summary)
     if starved:
         log.warning("labels with a single row (or cluster) get no gold rows: %s", ", ".join(starved))
     return SplitResult(out, train, validation, gold, leaked, reused, starved)
 
 
 def _freeze_gold(out: Path, gold: list[Example], config: SplitConfig, clean_config: CleanConfig) -> None:
+    refuse_refreeze(out / MANIFEST)
     write_examples(out / "gold.jsonl", gold)
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -252,12 +235,8 @@ def _freeze_gold(out: Path, gold: list[Example], config: SplitConfig, clean_conf
         "content_hash": content_hash(gold),
         "label_counts": label_counts(gold),
         "seed": config.seed,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "near_duplicates": clean_config.model_dump(
-            include={"near_duplicates", "shingle_size", "minhash_threshold", "num_perm", "embedding_threshold"}
-        ),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "near_duplicates": dedupe_settings(clean_config),
         "text_hashes": sorted({text_key(g.text) for g in gold}),
     }
-    # Exclusive create: the gold set is written once, never overwritten by a later run.
-    with (out / MANIFEST).open("x", encoding="utf-8") as fh:
-        fh.write(json.dumps(manifest, indent=2) + "\n")
+    write_gold_manifest(out / MANIFEST, manifest)

@@ -24,10 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskling.data.clean import CleanConfig, normalize
+from taskling.data.clean import CleanConfig
+from taskling.data.dedupe import find_leaks, normalize
 from taskling.data.distill import confidence_from_logprobs
-from taskling.data.load import Example
-from taskling.errors import TasklingError
+from taskling.data.load import Example, is_unicode, parse_jsonl_lines
+from taskling.errors import DataError, TasklingError
+from taskling.io import read_json, write_json
 from taskling.task import Task
 
 log = logging.getLogger(__name__)
@@ -91,17 +93,14 @@ class TeacherClient:
         path = self.cache_dir / key[:2] / f"{key}.json"
         if path.is_file():
             self.usage.cache_hits += 1
-            cached: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            cached: dict[str, Any] = read_json(path)
             return cached
         response = self._post(body)
         usage = response.get("usage") or {}
         self.usage.requests += 1
-        self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-        self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(response), encoding="utf-8")
-        tmp.replace(path)
+        self.usage.prompt_tokens += _count(usage, "prompt_tokens")
+        self.usage.completion_tokens += _count(usage, "completion_tokens")
+        write_json(path, response)
         return response
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -120,15 +119,36 @@ class TeacherClient:
                 f"the teacher at {url} answered HTTP {reply.status_code}: {reply.text[:200]}",
                 fix="check the API key, the model name (TASKLING_TEACHER_MODEL) and the endpoint",
             )
-        data: dict[str, Any] = reply.json()
+        try:
+            data = reply.json()
+        except ValueError:  # an HTML error page or a proxy's login form, served with HTTP 200
+            kind = reply.headers.get("content-type", "no content type")
+            raise TeacherError(
+                f"the teacher at {url} answered HTTP 200 with {kind}, not JSON: {reply.text[:200]!r}",
+                fix="TASKLING_TEACHER_BASE_URL must be an OpenAI-compatible API root (usually ending in /v1)",
+            ) from None
+        if not isinstance(data, dict):
+            raise TeacherError(
+                f"the teacher at {url} answered a JSON {type(data).__name__}, not a chat completion object",
+                fix="point TASKLING_TEACHER_BASE_URL at an OpenAI-compatible chat-completions API",
+            )
         return data
 
 
+def _count(usage: Any, key: str) -> int:
+    value = usage.get(key) if isinstance(usage, dict) else None
+    return int(value) if isinstance(value, int | float) else 0
+
+
 def _answer(response: dict[str, Any]) -> tuple[str, Any]:
-    choices = response.get("choices") or []
-    if not choices:
-        raise TeacherError(f"the teacher's response has no choices: {str(response)[:200]}")
-    return str((choices[0].get("message") or {}).get("content") or ""), choices[0].get("logprobs")
+    choices = response.get("choices")
+    first = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(first, dict) or not isinstance(first.get("message"), dict):
+        raise TeacherError(
+            f"the teacher's response has no choices[0].message: {str(response)[:200]}",
+            fix="point TASKLING_TEACHER_BASE_URL at an OpenAI-compatible chat-completions API",
+        )
+    return str(first["message"].get("content") or ""), first.get("logprobs")
 
 
 def label_messages(task: Task, text: str) -> list[dict[str, str]]:
@@ -147,6 +167,10 @@ def label_texts(
     rejects invented labels and queues low confidences for review."""
     rows = []
     for i, text in enumerate(texts):
+        if not isinstance(text, str) or not is_unicode(text):
+            raise TeacherError(
+                f"text {i + 1} is not valid Unicode text: {text!r:.80}", fix="pass str texts without lone surrogates"
+            )
         response = client.chat(label_messages(task, text), temperature=0, max_tokens=16, logprobs=True)
         answer, logprobs = _answer(response)
         row: dict[str, Any] = {"text": text, "label": answer.strip(), "metadata": {"model": client.model}}
@@ -211,8 +235,6 @@ def synthesize(
     temperature: float = 0.9,
 ) -> SynthResult:
     """Synthetic examples per category, validated before they may enter training."""
-    from taskling.data.split import find_leaks
-
     result = SynthResult()
     seen: set[str] = set()
     for label in labels or task.labels:
@@ -249,3 +271,42 @@ def synthesize(
 
 def usage_dict(usage: Usage) -> dict[str, int]:
     return {**asdict(usage), "total_tokens": usage.total_tokens}
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Unlabeled texts for `label_texts`: one a line, or JSONL rows with a `text` field.
+
+    A line that starts with `{` is a JSON row. A bad line (not UTF-8, not JSON, no `text`,
+    an unpaired surrogate escape) is a DataError naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file does not exist", path=path, fix="give the file of texts to label")
+    texts = []
+    for parsed in parse_jsonl_lines(path):
+        raw = parsed.raw.rstrip("\r\n")
+        if parsed.reason == "not_utf8":
+            raise DataError(parsed.detail, path=path, line=parsed.line, fix="re-save the file as UTF-8")
+        if not raw.lstrip().startswith("{"):
+            texts.append(raw.strip())
+            continue
+        if parsed.reason:
+            raise DataError(parsed.detail, path=path, line=parsed.line, fix='write the row as {"text": "..."}')
+        text = parsed.value.get("text") if isinstance(parsed.value, dict) else None
+        if not isinstance(text, str):
+            keys = sorted(parsed.value) if isinstance(parsed.value, dict) else []
+            raise DataError(
+                f"a JSON row needs a string `text` field (keys: {keys})",
+                path=path,
+                line=parsed.line,
+                fix='write the row as {"text": "..."}, or give plain text one message a line',
+            )
+        if not is_unicode(text):
+            raise DataError(
+                "an unpaired surrogate escape (not valid Unicode)",
+                path=path,
+                line=parsed.line,
+                fix="fix the \\udXXX escape",
+            )
+        texts.append(text)
+    return texts

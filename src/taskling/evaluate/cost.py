@@ -16,12 +16,13 @@ If the specialist's per-call cost is not below the teacher's, it never pays back
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from taskling.errors import TasklingError
+from taskling.io import read_json
+from taskling.rundir import RunDir
 
 DAYS_PER_MONTH = 30.4
 HOURS_PER_MONTH = 24 * DAYS_PER_MONTH
@@ -125,13 +126,13 @@ def estimate(inputs: CostInputs) -> CostReport:
 
 def measured_throughput(run_dir: str | Path) -> tuple[float, float | None]:
     """(messages per second, latency ms or None) measured by `taskling eval` / the ladder."""
-    metrics = Path(run_dir) / "metrics.json"
+    metrics = RunDir(run_dir).metrics
     if not metrics.is_file():
         raise TasklingError(
             f"{metrics} does not exist",
             fix=f"measure first: taskling eval {run_dir} --data GOLD.jsonl, or pass --throughput",
         )
-    data = json.loads(metrics.read_text())
+    data = read_json(metrics)
     rate = data.get("messages_per_second")
     if not rate:
         raise TasklingError(f"{metrics} has no messages_per_second", fix="re-run taskling eval, or pass --throughput")

@@ -35,7 +35,8 @@ from typing import Any
 
 from taskling.evaluate.metrics import score
 from taskling.extract.schema import ExtractionTask, load_records, records_hash
-from taskling.io import write_jsonl, write_text
+from taskling.io import write_json, write_jsonl
+from taskling.rundir import RunDir
 
 NULL = "null"
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -188,8 +189,7 @@ def evaluate_extraction(
     seconds = time.perf_counter() - started
     predicted = [r.record if r.valid else None for r in results]
     metrics = score_records([ex.record for ex in gold], predicted, ext.task)
-    out = Path(out_dir) if out_dir is not None else run_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunDir(out_dir if out_dir is not None else run_dir)
     payload = {
         "kind": "extraction",
         "gold_file": str(data),
@@ -198,9 +198,9 @@ def evaluate_extraction(
         "messages_per_second": len(gold) / max(seconds, 1e-9),
         **metrics,
     }
-    metrics_path = out / "metrics.json"
-    write_text(metrics_path, json.dumps(payload, indent=2))
-    predictions_path = out / "predictions.jsonl"
+    metrics_path = out.metrics
+    write_json(metrics_path, payload)
+    predictions_path = out.predictions
     write_jsonl(
         predictions_path,
         (
@@ -219,11 +219,10 @@ def evaluate_extraction(
         if spec.type != "enum":
             continue
         labels = list(spec.values) + ([NULL] if not spec.required else [])
-        field_dir = out / "fields" / spec.name
-        field_dir.mkdir(parents=True, exist_ok=True)
-        write_text(field_dir / "labels.json", json.dumps(labels))
+        field_dir = RunDir(out.fields / spec.name)
+        write_json(field_dir.labels, labels)
         write_jsonl(
-            field_dir / "predictions.jsonl",
+            field_dir.predictions,
             (
                 {
                     "text": ex.text,

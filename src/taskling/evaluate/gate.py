@@ -1,319 +1,108 @@
-"""The bar: a frozen reference baseline and the ship gate that holds a candidate to it.
+"""The ship gate: hold a candidate to a reference on the *same* gold rows.
 
-`pin_baseline` scores a reference system's labels (the teacher, or any earlier system) on
-the gold set once and writes `RUN_DIR/baseline.json`: its metrics, its label for every gold
-row, and the gold set's content hash. It is never recomputed silently: pinning again, or
-gating against a gold set whose content changed, is a `GoldChangedError` until the user
-re-pins on purpose (`repin=True`, `taskling baseline --repin`).
+`gate` passes only if
 
-`gate` compares a candidate's predictions with the reference on the *same* gold rows and
-passes only if
-
-  (a) accuracy is not worse than the reference's by more than `margin`, judged by McNemar's
-      test on the paired rows (mid-p by default) so a drop that is noise is not called a
-      regression; the bootstrap CI of the difference is reported beside it;
-  (b) no category lost more than `category_tolerance` accuracy, unless the paired bootstrap
-      CI of that category's change still reaches 0 (noise on a handful of rows);
+  (a) accuracy is not lower than the reference's by more than `margin` (default one point).
+      This is a non-inferiority rule on the observed difference: a drop beyond the margin
+      fails even when McNemar's paired test calls it "no significant difference" (3 rows
+      lost and none won is not significant on 100 rows, and still not a candidate to ship).
+      The test (mid-p by default) and the bootstrap CI of the difference are reported beside it;
+  (b) no category's accuracy is lower by more than `category_margin` (default ten points of
+      that category), significant or not;
   (c) no prediction lies outside the label set.
 
-The verdict (`GateVerdict`) names each check, whether it passed and why, and is written to
-`gate.json` beside the candidate's predictions so `taskling runs` can list it.
+Two scores on different gold sets are never compared (`check_same_gold`). The verdict
+(`GateVerdict`) names each check, whether it passed and why, the margins and the observed
+drops, and is written to `gate.json` beside the candidate's predictions so `taskling runs`
+and `taskling report` can show it. The frozen baseline lives in `evaluate/baseline.py`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from taskling.data.load import Example, content_hash, load_file
-from taskling.errors import RunError, TasklingError
-from taskling.evaluate.metrics import Metrics, score
-from taskling.io import write_text
-from taskling.task import Task
-from taskling.version import __version__
+from taskling.errors import ConfigError, RunError
+from taskling.evaluate.baseline import (
+    GoldChangedError,
+    GoldMismatchError,
+    Scored,
+    check_same_gold,
+    hash_gold_file,
+    join_to_gold,
+    load_baseline,
+    load_predictions,
+    load_reference,
+    pin_baseline,
+    read_labels,
+    task_labels,
+)
+from taskling.evaluate.stats import Interval, bootstrap_interval, mcnemar
+from taskling.io import write_json
+from taskling.rundir import RunDir
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "CategoryChange",
+    "Check",
+    "GateSettings",
+    "GateVerdict",
+    "GoldChangedError",
+    "GoldMismatchError",
+    "Interval",
+    "Scored",
+    "bootstrap_interval",
+    "gate",
+    "gate_paths",
+    "join_to_gold",
+    "load_baseline",
+    "load_predictions",
+    "load_reference",
+    "mcnemar",
+    "pin_baseline",
+    "read_labels",
+    "task_labels",
+    "write_verdict",
+]
 
-BASELINE_FILE = "baseline.json"
-GATE_FILE = "gate.json"
-
-
-class GoldChangedError(TasklingError):
-    """The gold set's content differs from the one the baseline was pinned on."""
-
-
-# ---------------------------------------------------------------- statistics
-
-
-def mcnemar(b: int, c: int, *, mid_p: bool = True) -> float:
-    """Two-sided p-value of McNemar's exact test on the discordant pair counts.
-
-    `b`: rows the reference got right and the candidate wrong; `c`: the reverse. Under the
-    null each discordant row is a fair coin, so the count is Binomial(b + c, 1/2). The exact
-    p is 2 * P(X <= min(b, c)); the mid-p subtracts P(X = min(b, c)) once, which keeps the
-    nominal error rate far better than the conservative exact test (Fagerland et al. 2013).
-    """
-    if b < 0 or c < 0:
-        raise ValueError("discordant counts must be non-negative")
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    # Exact integer arithmetic: n is at most the gold set size, so this stays cheap.
-    below = sum(math.comb(n, i) for i in range(k + 1))
-    total = 2**n
-    exact = min(1.0, 2 * below / total)
-    if not mid_p:
-        return exact
-    return min(1.0, (2 * below - math.comb(n, k)) / total)
-
-
-@dataclass(frozen=True)
-class Interval:
-    estimate: float
-    low: float
-    high: float
-
-    def contains(self, value: float) -> bool:
-        return self.low <= value <= self.high
+# Float noise: a drop of exactly the margin (1 row of 100 against 0.01) is inside it.
+_EPS = 1e-9
 
 
-def bootstrap_interval(
-    values: np.ndarray, *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0
-) -> Interval:
-    """Percentile bootstrap CI of the mean of `values` (per-row 0/1, or paired differences)."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return Interval(float("nan"), float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return Interval(float(values.mean()), float(low), float(high))
+class GateSettings(BaseModel):
+    """How strict the gate is (`taskling gate`/`retrain` options; unknown keys are errors)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-# ---------------------------------------------------------------- scored rows
-
-
-@dataclass
-class Scored:
-    """One system's labels on a gold set, in gold order."""
-
-    name: str
-    labels: list[str]
-    texts: list[str]
-    gold: list[str]
-    predicted: list[str]
-
-    @property
-    def gold_hash(self) -> str:
-        return content_hash(Example(t, g) for t, g in zip(self.texts, self.gold, strict=True))
-
-    def metrics(self) -> Metrics:
-        return score(self.gold, self.predicted, self.labels)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TasklingError(f"{path}:{number}: not valid JSON ({err.msg})", fix="one JSON object a line") from None
-        if not isinstance(row, dict) or "text" not in row or "label" not in row:
-            raise TasklingError(
-                f"{path}:{number}: expected an object with `text` and `label`",
-                fix='write predictions as {"text": ..., "label": ...} (a predictions.jsonl from taskling eval works)',
-            )
-        rows.append(row)
-    return rows
-
-
-def join_to_gold(gold: Sequence[Example], rows: Sequence[dict[str, Any]], source: str | Path) -> list[str]:
-    """The predicted label for every gold row, matched by text; a missing row is an error."""
-    by_text: dict[str, list[str]] = {}
-    for row in rows:
-        by_text.setdefault(str(row["text"]), []).append(str(row["label"]))
-    predicted, missing = [], []
-    for ex in gold:
-        queue = by_text.get(ex.text)
-        if queue:
-            predicted.append(queue.pop(0))
-        else:
-            missing.append(ex)
-    if missing:
-        first = missing[0]
-        raise TasklingError(
-            f"{source}: no prediction for {len(missing)} of {len(gold)} gold rows "
-            f"(first: {first.source}:{first.line} {first.text!r})",
-            fix="label every gold row with the reference system, then pin again",
-        )
-    return predicted
-
-
-def task_labels(run_dir: Path) -> list[str] | None:
-    """The label set of a run (run.json) or of a ladder rung (labels.json), if recorded."""
-    manifest = run_dir / "run.json"
-    if manifest.is_file():
-        return list(json.loads(manifest.read_text())["task"]["labels"])
-    listed = run_dir / "labels.json"
-    if listed.is_file():
-        return list(json.loads(listed.read_text()))
-    return None
-
-
-def read_labels(spec: str | Path) -> list[str]:
-    """Labels from a file (one a line) or a comma-separated list."""
-    path = Path(spec)
-    if path.is_file():
-        return [x.strip() for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return [x.strip() for x in str(spec).split(",") if x.strip()]
-
-
-def load_predictions(path: str | Path, labels: Sequence[str] | None = None, name: str | None = None) -> Scored:
-    """A run directory's `predictions.jsonl` (or such a file): rows with text, gold and label."""
-    path = Path(path)
-    run_dir = path if path.is_dir() else path.parent
-    file = path / "predictions.jsonl" if path.is_dir() else path
-    if not file.is_file():
-        raise RunError(
-            f"{file} does not exist",
-            fix=f"score the run first: taskling eval {run_dir} --data GOLD.jsonl",
-        )
-    rows = _read_jsonl(file)
-    no_gold = [i for i, row in enumerate(rows, start=1) if "gold" not in row]
-    if no_gold:
-        raise TasklingError(
-            f"{file}:{no_gold[0]}: row has no `gold` label ({len(no_gold)} rows)",
-            fix="use a predictions.jsonl written by taskling eval, or pin it as a baseline with --gold",
-        )
-    labels = list(labels or task_labels(run_dir) or [])
-    if not labels:
-        raise TasklingError(f"no label set for {file}", fix="pass --labels LABELS.txt")
-    return Scored(
-        name=name or run_dir.name,
-        labels=labels,
-        texts=[str(r["text"]) for r in rows],
-        gold=[str(r["gold"]) for r in rows],
-        predicted=[str(r["label"]) for r in rows],
+    margin: float = Field(0.01, ge=0, le=1)  # largest accuracy drop allowed (0.01 = one point)
+    # Largest accuracy drop allowed in any one category; `category_tolerance` is its old name.
+    category_margin: float = Field(
+        0.10, ge=0, le=1, validation_alias=AliasChoices("category_margin", "category_tolerance")
     )
+    alpha: float = Field(0.05, gt=0, lt=1)  # significance level of the tests; CIs are at 1 - alpha
+    mid_p: bool = True  # McNemar mid-p (False: the stricter exact p)
+    resamples: int = Field(2000, ge=100)
+    seed: int = 0
 
 
-# ---------------------------------------------------------------- the frozen baseline
-
-
-def _hash_file(path: Path, labels: Sequence[str]) -> str:
-    task = Task(labels=tuple(labels))
-    return content_hash(load_file(path, task).examples)
-
-
-def pin_baseline(
-    run_dir: str | Path,
-    gold_file: str | Path,
-    predictions_file: str | Path,
-    *,
-    labels: Sequence[str] | None = None,
-    name: str = "baseline",
-    repin: bool = False,
-) -> dict[str, Any]:
-    """Score a reference system's labels on the gold set and pin them in `run_dir/baseline.json`."""
-    run_dir, gold_file, predictions_file = Path(run_dir), Path(gold_file), Path(predictions_file)
-    labels = list(labels or task_labels(run_dir) or [])
-    if not labels:
-        raise TasklingError(
-            f"no label set: {run_dir}/run.json does not exist", fix="pass --labels LABELS.txt (or a,b,c)"
+def gate_settings(settings: GateSettings | None = None, **overrides: Any) -> GateSettings:
+    """`settings` with `overrides` applied; an unknown or out-of-range value is a ConfigError."""
+    base = settings.model_dump() if settings is not None else {}
+    try:
+        return GateSettings.model_validate({**base, **overrides})
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {'unknown setting' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in err.errors()
         )
-    gold = load_file(gold_file, Task(labels=tuple(labels))).examples
-    gold_hash = content_hash(gold)
-    target = run_dir / BASELINE_FILE
-    if target.is_file() and not repin:
-        pinned = json.loads(target.read_text())
-        if pinned["gold_hash"] != gold_hash:
-            raise GoldChangedError(
-                f"{target} was pinned on gold {pinned['gold_hash'][:12]} ({pinned['n']} rows) but "
-                f"{gold_file} now hashes to {gold_hash[:12]} ({len(gold)} rows)",
-                fix="if the gold set changed on purpose, re-pin: taskling baseline ... --repin",
-            )
-        raise TasklingError(
-            f"{target} is already pinned (gold {gold_hash[:12]}); a baseline is never recomputed silently",
-            fix="pass --repin to replace it on purpose",
-        )
-    predicted = join_to_gold(gold, _read_jsonl(predictions_file), predictions_file)
-    metrics = score([ex.label for ex in gold], predicted, labels)
-    payload = {
-        "name": name,
-        "source": str(predictions_file),
-        "gold_file": str(gold_file.resolve()),
-        "gold_hash": gold_hash,
-        "labels": labels,
-        "n": len(gold),
-        "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "taskling_version": __version__,
-        "metrics": metrics.to_dict(),
-        "predictions": [{"text": ex.text, "gold": ex.label, "label": p} for ex, p in zip(gold, predicted, strict=True)],
-    }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
-    tmp.replace(target)
-    log.info("pinned %s: accuracy %.4f on %d gold rows (%s)", target, metrics.accuracy, len(gold), gold_hash[:12])
-    return payload
-
-
-def load_baseline(path: str | Path, *, check_gold: bool = True) -> Scored:
-    """A pinned baseline; with `check_gold`, refuse if its gold file's content has changed."""
-    path = Path(path)
-    file = path / BASELINE_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise RunError(f"{file} does not exist", fix="pin one: taskling baseline RUN_DIR --gold ... --predictions ...")
-    pinned = json.loads(file.read_text())
-    rows = pinned["predictions"]
-    scored = Scored(
-        name=str(pinned.get("name", "baseline")),
-        labels=list(pinned["labels"]),
-        texts=[r["text"] for r in rows],
-        gold=[r["gold"] for r in rows],
-        predicted=[r["label"] for r in rows],
-    )
-    if scored.gold_hash != pinned["gold_hash"]:
-        raise GoldChangedError(
-            f"{file}: its pinned rows no longer match its gold hash (the file was edited)",
-            fix="re-pin on purpose: taskling baseline ... --repin",
-        )
-    gold_file = Path(pinned["gold_file"])
-    if check_gold and gold_file.is_file():
-        current = _hash_file(gold_file, scored.labels)
-        if current != pinned["gold_hash"]:
-            raise GoldChangedError(
-                f"{gold_file} changed since {file} was pinned (hash {pinned['gold_hash'][:12]} -> {current[:12]})",
-                fix="scores on another gold set are not comparable; re-pin on purpose: taskling baseline --repin",
-            )
-    elif check_gold:
-        log.warning("%s: gold file %s is gone; gating on the pinned rows", file, gold_file)
-    return scored
-
-
-def load_reference(path: str | Path) -> Scored:
-    """`--against`: a baseline.json, a run dir holding one, or a previous run's predictions."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".json":
-        return load_baseline(path)
-    if path.is_dir() and (path / BASELINE_FILE).is_file():
-        return load_baseline(path)
-    return load_predictions(path)
-
-
-# ---------------------------------------------------------------- the gate
+        raise ConfigError(
+            f"gate settings are invalid: {problems}",
+            fix="use margin, category_margin, alpha, mid_p, resamples, seed",
+        ) from None
 
 
 @dataclass
@@ -331,7 +120,7 @@ class CategoryChange:
     candidate: float
     delta: Interval
     p_value: float
-    regressed: bool
+    regressed: bool  # dropped by more than the category margin
 
 
 @dataclass
@@ -351,6 +140,8 @@ class GateVerdict:
     categories: list[CategoryChange]
     checks: list[Check]
     thresholds: dict[str, Any] = field(default_factory=dict)
+    # The margins and the observed drops (positive: the candidate is lower).
+    non_inferiority: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failed_checks(self) -> list[Check]:
@@ -366,122 +157,130 @@ def _assessment(delta: float, p: float, alpha: float) -> str:
     return "win" if delta > 0 else "regression"
 
 
-def gate(
-    candidate: Scored,
-    reference: Scored,
-    *,
-    margin: float = 0.01,
-    category_tolerance: float = 0.10,
-    alpha: float = 0.05,
-    mid_p: bool = True,
-    resamples: int = 2000,
-    seed: int = 0,
-) -> GateVerdict:
-    """Hold `candidate` to `reference` on the same gold rows; see the module docstring."""
-    if candidate.gold_hash != reference.gold_hash:
-        raise GoldChangedError(
-            f"{candidate.name} was scored on gold {candidate.gold_hash[:12]} ({len(candidate.gold)} rows) but "
-            f"{reference.name} on gold {reference.gold_hash[:12]} ({len(reference.gold)} rows)",
-            fix="score the candidate on the pinned gold file (taskling eval RUN --data GOLD), "
-            "or re-pin the baseline on purpose with --repin",
-        )
-    labels = reference.labels
-    gold = np.array(reference.gold)
-    ref_ok = np.array(reference.predicted) == gold
-    cand_ok = np.array(candidate.predicted) == gold
+def _category_changes(
+    labels: list[str], gold: np.ndarray, ref_ok: np.ndarray, cand_ok: np.ndarray, s: GateSettings
+) -> list[CategoryChange]:
     diff = cand_ok.astype(np.float64) - ref_ok.astype(np.float64)
-    b, c = int((ref_ok & ~cand_ok).sum()), int((~ref_ok & cand_ok).sum())
-    p = mcnemar(b, c, mid_p=mid_p)
-
-    def boot(values: np.ndarray) -> Interval:
-        return bootstrap_interval(values, resamples=resamples, confidence=1 - alpha, seed=seed)
-
-    delta = boot(diff)
-    allowed = set(labels)
-    outside = sum(1 for label in candidate.predicted if label not in allowed)
-
-    categories = []
+    changes = []
     for label in labels:
         rows = gold == label
         if not rows.any():
             continue
-        d = boot(diff[rows])
-        cb, cc = int((ref_ok & ~cand_ok & rows).sum()), int((~ref_ok & cand_ok & rows).sum())
-        # A drop beyond tolerance counts only if its paired CI excludes 0: one flipped row
-        # out of five is not evidence, five out of five is.
-        dropped = -d.estimate > category_tolerance and d.high < 0
-        categories.append(
+        d = bootstrap_interval(diff[rows], resamples=s.resamples, confidence=1 - s.alpha, seed=s.seed)
+        lost, won = int((ref_ok & ~cand_ok & rows).sum()), int((~ref_ok & cand_ok & rows).sum())
+        changes.append(
             CategoryChange(
                 label=label,
                 support=int(rows.sum()),
                 reference=float(ref_ok[rows].mean()),
                 candidate=float(cand_ok[rows].mean()),
                 delta=d,
-                p_value=mcnemar(cb, cc, mid_p=mid_p),
-                regressed=dropped,
+                p_value=mcnemar(lost, won, mid_p=s.mid_p),
+                regressed=-d.estimate > s.category_margin + _EPS,
             )
         )
+    return changes
 
-    assessment = _assessment(delta.estimate, p, alpha)
-    test = "McNemar mid-p" if mid_p else "McNemar exact"
-    accuracy_failed = delta.estimate < -margin and p < alpha
-    if accuracy_failed:
-        why = f"accuracy dropped {-delta.estimate:.2%} (> margin {margin:.2%}), significant: {test} p={p:.3g}"
-    elif delta.estimate < -margin:
-        why = f"accuracy dropped {-delta.estimate:.2%} (> margin {margin:.2%}) but within noise: {test} p={p:.3g}"
-    else:
-        why = f"accuracy change {delta.estimate:+.2%} (margin {margin:.2%}); {test} p={p:.3g}, {assessment}"
+
+def _accuracy_check(delta: Interval, lost: int, won: int, p: float, assessment: str, s: GateSettings) -> Check:
+    test = "McNemar mid-p" if s.mid_p else "McNemar exact"
+    drop = -delta.estimate
+    rows = f"{lost} rows lost, {won} won"
+    stats = f"{test} p={p:.3g}, {assessment}"
+    if drop > s.margin + _EPS:
+        return Check(
+            "accuracy",
+            False,
+            f"accuracy dropped {drop:.2%} ({rows}), more than the margin {s.margin:.2%} ({stats}); "
+            "a drop beyond the margin fails even when it is not significant",
+        )
+    return Check("accuracy", True, f"accuracy change {delta.estimate:+.2%} ({rows}), margin {s.margin:.2%} ({stats})")
+
+
+def _categories_check(categories: list[CategoryChange], s: GateSettings) -> Check:
     regressed = [cat for cat in categories if cat.regressed]
     if regressed:
-        cat_detail = "; ".join(
-            f"{cat.label} {cat.reference:.0%} -> {cat.candidate:.0%} (n={cat.support}, "
-            f"CI {cat.delta.low:+.0%}..{cat.delta.high:+.0%})"
+        detail = "; ".join(
+            f"{cat.label} {cat.reference:.0%} -> {cat.candidate:.0%} (n={cat.support}, dropped "
+            f"{-cat.delta.estimate:.0%} > category margin {s.category_margin:.0%}, p={cat.p_value:.2g})"
             for cat in regressed
         )
+        return Check("categories", False, detail)
+    worst = min(categories, key=lambda cat: cat.delta.estimate)
+    if worst.delta.estimate < 0:
+        detail = f"largest drop {worst.label} {-worst.delta.estimate:.0%} (category margin {s.category_margin:.0%})"
     else:
-        worst = min(categories, key=lambda cat: cat.delta.estimate)
-        if worst.delta.estimate < 0:
-            drop = -worst.delta.estimate
-            cat_detail = f"largest drop {worst.label} {drop:.0%} (tolerance {category_tolerance:.0%})"
-        else:
-            cat_detail = f"no category dropped (tolerance {category_tolerance:.0%})"
+        detail = f"no category dropped (category margin {s.category_margin:.0%})"
+    return Check("categories", True, detail)
+
+
+def gate(candidate: Scored, reference: Scored, settings: GateSettings | None = None, **overrides: Any) -> GateVerdict:
+    """Hold `candidate` to `reference` on the same gold rows; see the module docstring.
+
+    `overrides` are `GateSettings` fields (`margin=0.02`, `category_margin=0.05`, ...).
+    """
+    s = gate_settings(settings, **overrides)
+    check_same_gold(
+        (candidate.source or candidate.name, candidate.gold_hash),
+        (reference.source or reference.name, reference.gold_hash),
+        "gate",
+    )
+    gold = np.array(reference.gold)
+    ref_ok = np.array(reference.predicted) == gold
+    cand_ok = np.array(candidate.predicted) == gold
+    lost, won = int((ref_ok & ~cand_ok).sum()), int((~ref_ok & cand_ok).sum())
+    p = mcnemar(lost, won, mid_p=s.mid_p)
+
+    def boot(values: np.ndarray) -> Interval:
+        return bootstrap_interval(values, resamples=s.resamples, confidence=1 - s.alpha, seed=s.seed)
+
+    delta = boot(cand_ok.astype(np.float64) - ref_ok.astype(np.float64))
+    allowed = set(reference.labels)
+    outside = sum(1 for label in candidate.predicted if label not in allowed)
+    categories = _category_changes(reference.labels, gold, ref_ok, cand_ok, s)
+    assessment = _assessment(delta.estimate, p, s.alpha)
     checks = [
-        Check("accuracy", not accuracy_failed, why),
-        Check("categories", not regressed, cat_detail),
+        _accuracy_check(delta, lost, won, p, assessment, s),
+        _categories_check(categories, s),
         Check("label set", outside == 0, f"{outside} prediction(s) outside the label set"),
     ]
-    ref_boot = boot(ref_ok)
-    cand_boot = boot(cand_ok)
     return GateVerdict(
         passed=all(check.passed for check in checks),
         candidate=candidate.name,
         reference=reference.name,
         gold_hash=reference.gold_hash,
         n=len(gold),
-        reference_accuracy=ref_boot,
-        candidate_accuracy=cand_boot,
+        reference_accuracy=boot(ref_ok),
+        candidate_accuracy=boot(cand_ok),
         delta=delta,
-        discordant=(b, c),
+        discordant=(lost, won),
         p_value=p,
         assessment=assessment,
         outside_label_set=outside,
         categories=categories,
         checks=checks,
         thresholds={
-            "margin": margin,
-            "category_tolerance": category_tolerance,
-            "alpha": alpha,
-            "test": test,
-            "bootstrap_resamples": resamples,
+            "margin": s.margin,
+            "category_margin": s.category_margin,
+            "alpha": s.alpha,
+            "test": "McNemar mid-p" if s.mid_p else "McNemar exact",
+            "bootstrap_resamples": s.resamples,
+        },
+        non_inferiority={
+            "margin": s.margin,
+            "accuracy_drop": -delta.estimate,
+            "category_margin": s.category_margin,
+            "category_drops": {cat.label: -cat.delta.estimate for cat in categories},
+            "categories_over_margin": [cat.label for cat in categories if cat.regressed],
         },
     )
 
 
 def write_verdict(verdict: GateVerdict, path: str | Path) -> Path:
+    """Write `gate.json` (into `path` if it is a directory); returns the file."""
     path = Path(path)
-    file = path / GATE_FILE if path.is_dir() else path
-    payload = {"gated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **verdict.to_dict()}
-    write_text(file, json.dumps(payload, indent=2, ensure_ascii=False))
+    file = RunDir(path).gate if path.is_dir() else path
+    write_json(file, {"gated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **verdict.to_dict()})
     return file
 
 
@@ -491,12 +290,13 @@ def gate_paths(
     *,
     gold_file: str | Path | None = None,
     write: bool = True,
-    **settings: Any,
+    settings: GateSettings | None = None,
+    **overrides: Any,
 ) -> GateVerdict:
     """`taskling gate`: resolve the candidate and reference from paths, gate, write gate.json."""
     candidate = Path(candidate)
     run_dir = candidate if candidate.is_dir() else candidate.parent
-    against = Path(against) if against is not None else run_dir / BASELINE_FILE
+    against = Path(against) if against is not None else RunDir(run_dir).baseline
     if not against.exists():
         raise RunError(
             f"nothing to gate against: {against} does not exist",
@@ -504,14 +304,13 @@ def gate_paths(
         )
     reference = load_reference(against)
     if gold_file is not None:
-        current = _hash_file(Path(gold_file), reference.labels)
-        if current != reference.gold_hash:
-            raise GoldChangedError(
-                f"{gold_file} hashes to {current[:12]} but {against} was pinned on {reference.gold_hash[:12]}",
-                fix="re-pin on purpose: taskling baseline ... --repin",
-            )
+        check_same_gold(
+            (gold_file, hash_gold_file(Path(gold_file), reference.labels)),
+            (reference.source or against, reference.gold_hash),
+            "gate against the pinned baseline",
+        )
     scored = load_predictions(candidate, labels=reference.labels)
-    verdict = gate(scored, reference, **settings)
+    verdict = gate(scored, reference, settings, **overrides)
     if write:
         write_verdict(verdict, run_dir)
     return verdict

@@ -18,7 +18,6 @@ worst-category accuracy. `OUT/ladder.json` holds the table.
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import statistics
@@ -32,12 +31,12 @@ from taskling.config import ProjectConfig
 from taskling.data.load import Example, content_hash, load_file
 from taskling.errors import TasklingError
 from taskling.evaluate.metrics import Metrics, score
-from taskling.io import write_jsonl, write_text
+from taskling.io import write_json, write_jsonl
+from taskling.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 RUNGS = ("tfidf", "minilm", "zero-shot", "few-shot", "lora")
-LADDER_FILE = "ladder.json"
 # Probabilities for every label, in label order, one row per text.
 PredictFn = Callable[[Sequence[str]], list[list[float]]]
 
@@ -199,14 +198,13 @@ def lora_rung(config: ProjectConfig, lora_run: Path | None) -> tuple[PredictFn, 
     from taskling.serve.classifier import Classifier
 
     run = lora_run or Path(config.run_dir)
-    finished = (run / "run.json").is_file() and (run / "adapter").is_dir()
-    if finished:
+    files = RunDir(run)
+    if files.manifest.is_file() and files.adapter.is_dir():
         log.info("lora: reusing the finished run %s", run)
         # train() writes run.json when it starts and train_summary.json when it ends (a run
         # stopped after a checkpoint has no summary: its best adapter's time stands in).
-        summary = run / "train_summary.json"
-        end = summary if summary.is_file() else run / "adapter"
-        seconds = end.stat().st_mtime - (run / "run.json").stat().st_mtime
+        end = files.summary if files.summary.is_file() else files.adapter
+        seconds = end.stat().st_mtime - files.manifest.stat().st_mtime
     else:
         from taskling.train.sft import train
 
@@ -267,11 +265,10 @@ def _write_rung(
             }
         )
     metrics = score([ex.label for ex in gold], predicted, labels)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "predictions.jsonl", rows)
-    payload = {"gold_hash": content_hash(gold), **extra, **metrics.to_dict()}
-    write_text(out / "metrics.json", json.dumps(payload, indent=2))
-    write_text(out / "labels.json", json.dumps(list(labels)))
+    rung = RunDir(out)
+    write_jsonl(rung.predictions, rows)
+    write_json(rung.metrics, {"gold_hash": content_hash(gold), **extra, **metrics.to_dict()})
+    write_json(rung.labels, list(labels))
     return metrics
 
 
@@ -352,5 +349,5 @@ def run_ladder(
         gold_hash=content_hash(gold),
     )
     payload = {**asdict(result), "out_dir": str(out_dir), "gold_file": str(gold_file)}
-    write_text(out_dir / LADDER_FILE, json.dumps(payload, indent=2))
+    write_json(RunDir(out_dir).ladder, payload)
     return result

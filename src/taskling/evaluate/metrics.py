@@ -11,7 +11,6 @@ specialist, the teacher, a baseline) is scored the same way.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from taskling.data.load import content_hash, load_file
-from taskling.io import write_jsonl, write_text
+from taskling.io import write_json, write_jsonl
+from taskling.rundir import RunDir
 
 OUTSIDE = "<outside label set>"
 
@@ -112,8 +112,7 @@ def evaluate(
     seconds = time.perf_counter() - started
     metrics = score([ex.label for ex in gold], [p.label for p in predictions], clf.task.labels)
 
-    out = Path(out_dir) if out_dir is not None else run_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunDir(out_dir if out_dir is not None else run_dir)
     gold_hash = content_hash(gold)
     payload = {
         "gold_file": str(data),
@@ -122,9 +121,9 @@ def evaluate(
         "messages_per_second": len(gold) / max(seconds, 1e-9),
         **metrics.to_dict(),
     }
-    metrics_path = out / "metrics.json"
-    write_text(metrics_path, json.dumps(payload, indent=2))
-    predictions_path = out / "predictions.jsonl"
+    metrics_path = out.metrics
+    write_json(metrics_path, payload)
+    predictions_path = out.predictions
     write_jsonl(
         predictions_path,
         (

@@ -10,7 +10,6 @@ calibration curve, training and validation loss, the ladder table, and the worst
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from html import escape
@@ -18,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from taskling.errors import RunError
-from taskling.evaluate.gate import BASELINE_FILE, GATE_FILE, load_predictions, load_reference
+from taskling.evaluate.baseline import Scored, check_same_gold, load_predictions, load_reference
 from taskling.evaluate.metrics import Metrics
-from taskling.io import write_text
+from taskling.io import read_json, read_jsonl, write_text
+from taskling.rundir import RunDir
 
 PALETTE = {"candidate": "#2563eb", "baseline": "#9ca3af", "val": "#dc2626", "train": "#2563eb"}
 
@@ -247,12 +247,26 @@ def worst_examples(rows: Sequence[dict[str, Any]], limit: int = 25) -> str:
     )
 
 
+def margins_table(verdict: dict[str, Any]) -> str:
+    """The gate's non-inferiority margins beside the drops it observed (positive: the candidate is lower)."""
+    ni = verdict.get("non_inferiority")
+    if not ni:
+        return ""
+    drops = ni["category_drops"]
+    worst = max(drops, key=lambda label: drops[label]) if drops else None
+    rows = [["accuracy", f"{ni['margin']:.2%}", f"{ni['accuracy_drop']:+.2%}"]]
+    if worst is not None:
+        rows.append([f"worst category ({worst})", f"{ni['category_margin']:.0%}", f"{drops[worst]:+.0%}"])
+    rows += [[f"category {label}", f"{ni['category_margin']:.0%}", f"{drops[label]:+.0%}"]
+             for label in ni["categories_over_margin"] if label != worst]  # fmt: skip
+    return _table(["non-inferiority", "margin (largest drop allowed)", "observed drop"], rows, "margins")
+
+
 def gate_section(verdict: dict[str, Any]) -> str:
     status = "PASS" if verdict["passed"] else "FAIL"
     rows = [[c["name"], "pass" if c["passed"] else "FAIL", c["detail"]] for c in verdict["checks"]]
-    return f'<p class="verdict {status.lower()}">gate: {status} against {escape(verdict["reference"])}</p>' + _table(
-        ["check", "result", "why"], rows, "gate"
-    )
+    head = f'<p class="verdict {status.lower()}">gate: {status} against {escape(verdict["reference"])}</p>'
+    return head + _table(["check", "result", "why"], rows, "gate") + margins_table(verdict)
 
 
 # ---------------------------------------------------------------- page
@@ -268,28 +282,49 @@ text-align:left;vertical-align:top} th{background:#f9fafb} .headline td:first-ch
 """
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return read_jsonl(path) if path.is_file() else []
+
+
+def _same_gold_inputs(
+    scored: Scored, reference: Scored | None, verdict: tuple[Path, dict[str, Any]] | None, ladder: Path | None
+) -> dict[str, Any] | None:
+    """Refuse a baseline, gate.json or ladder scored on another gold set than the run; returns the ladder."""
+    here = (scored.source, scored.gold_hash)
+    if reference is not None:
+        check_same_gold(here, (reference.source, reference.gold_hash), "show the baseline beside this run")
+    if verdict is not None:
+        check_same_gold(here, (verdict[0], verdict[1].get("gold_hash")), "show this gate verdict beside this run")
+    if ladder is None:
+        return None
+    table = read_json(ladder)
+    gold_file = table.get("gold_file")
+    where = f"{ladder} (gold file {gold_file})" if gold_file else str(ladder)
+    check_same_gold(here, (where, table.get("gold_hash")), "show this ladder beside this run")
+    return dict(table)
 
 
 def build_report(run_dir: str | Path, *, ladder: str | Path | None = None, baseline: str | Path | None = None) -> str:
-    """The report page for a scored run directory, as an HTML string."""
+    """The report page for a scored run directory, as an HTML string.
+
+    A baseline, gate verdict or ladder scored on another gold set than the run is refused
+    (`GoldMismatchError`): side by side, their numbers would not be comparable.
+    """
     run_dir = Path(run_dir)
-    if not (run_dir / "predictions.jsonl").is_file():
+    run = RunDir(run_dir)
+    if not run.predictions.is_file():
         raise RunError(
             f"{run_dir} has no predictions.jsonl", fix=f"score it first: taskling eval {run_dir} --data GOLD.jsonl"
         )
-    base_path = Path(baseline) if baseline else run_dir / BASELINE_FILE
+    base_path = Path(baseline) if baseline else run.baseline
     reference = load_reference(base_path) if base_path.exists() else None
     scored = load_predictions(run_dir, labels=reference.labels if reference else None)
+    verdict = (run.gate, read_json(run.gate)) if run.gate.is_file() else None
+    ladder_table_data = _same_gold_inputs(scored, reference, verdict, Path(ladder) if ladder else None)
     metrics = scored.metrics()
-    rows = _read_jsonl(run_dir / "predictions.jsonl")
+    rows = _read_rows(run.predictions)
     base_metrics = reference.metrics() if reference else None
-    history = _read_jsonl(run_dir / "history.jsonl")
-    verdict_path = run_dir / GATE_FILE
-    ladder_path = Path(ladder) if ladder else None
+    history = _read_rows(run.history)
     probs = [float(r.get("probability", 0.0)) for r in rows]
     bins = calibration_bins(probs, [r["label"] == r["gold"] for r in rows])
 
@@ -310,8 +345,8 @@ def build_report(run_dir: str | Path, *, ladder: str | Path | None = None, basel
         + "".join(f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>" for k, v in headline)
         + "</tbody></table>",
     ]
-    if verdict_path.is_file():
-        parts.append(gate_section(json.loads(verdict_path.read_text())))
+    if verdict is not None:
+        parts.append(gate_section(verdict[1]))
     parts += [
         "<h2>Confusion matrix</h2>",
         confusion_heatmap(metrics),
@@ -323,8 +358,8 @@ def build_report(run_dir: str | Path, *, ladder: str | Path | None = None, basel
     ]
     curves = loss_curves(history)
     parts += ["<h2>Training and validation loss</h2>", curves or "<p>No history.jsonl in this run directory.</p>"]
-    if ladder_path is not None:
-        parts += ["<h2>Ladder</h2>", ladder_table(json.loads(ladder_path.read_text()))]
+    if ladder_table_data is not None:
+        parts += ["<h2>Ladder</h2>", ladder_table(ladder_table_data)]
     parts += ["<h2>Worst examples</h2>", worst_examples(rows)]
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -342,7 +377,6 @@ def write_report(
     baseline: str | Path | None = None,
 ) -> Path:
     """Write `report.html` (or `out`) for a scored run directory; returns its path."""
-    path = Path(out) if out else Path(run_dir) / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(out) if out else RunDir(run_dir).report
     write_text(path, build_report(run_dir, ladder=ladder, baseline=baseline), encoding="utf-8")
     return path

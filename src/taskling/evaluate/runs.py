@@ -2,20 +2,22 @@
 
 Nothing is stored beyond the run directories themselves: `list_runs` reads `metrics.json`,
 `baseline.json` and `gate.json` from each, so the registry is always what is on disk.
-`compare` shows what changed per category between two runs; when both were scored on the
-same gold set it is paired (McNemar per category, bootstrap CIs), otherwise it says the
-numbers come from different gold sets and compares the metrics only.
+`compare` shows what changed per category between two runs, paired (McNemar per category,
+bootstrap CIs); two runs scored on different gold sets are refused (`GoldMismatchError`):
+their numbers are not comparable.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from taskling.errors import RunError
-from taskling.evaluate.gate import BASELINE_FILE, GATE_FILE, GateVerdict, gate, load_predictions, task_labels
+from taskling.evaluate.baseline import check_same_gold, load_predictions, task_labels
+from taskling.evaluate.gate import GateVerdict, gate
+from taskling.io import read_json
+from taskling.rundir import RunDir
 
 
 @dataclass
@@ -29,22 +31,25 @@ class RunSummary:
     n: int | None
     gold_hash: str | None
     baseline_accuracy: float | None
+    baseline_on_other_gold: bool  # the pinned baseline's gold hash is not the metrics' one
     gate: str  # "pass", "fail: accuracy, categories", or "-" when never gated
     modified: float
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    return dict(json.loads(path.read_text())) if path.is_file() else None
+    return dict(read_json(path)) if path.is_file() else None
 
 
 def _is_run(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("metrics.json", "run.json", BASELINE_FILE))
+    run = RunDir(path)
+    return any(p.is_file() for p in (run.metrics, run.manifest, run.baseline))
 
 
 def summarize(path: Path) -> RunSummary:
-    metrics = _read(path / "metrics.json") or {}
-    baseline = _read(path / BASELINE_FILE)
-    verdict = _read(path / GATE_FILE)
+    run = RunDir(path)
+    metrics = _read(run.metrics) or {}
+    baseline = _read(run.baseline)
+    verdict = _read(run.gate)
     if verdict is None:
         gate_text = "-"
     elif verdict["passed"]:
@@ -62,6 +67,9 @@ def summarize(path: Path) -> RunSummary:
         n=metrics.get("n"),
         gold_hash=metrics.get("gold_hash") or (baseline or {}).get("gold_hash"),
         baseline_accuracy=None if baseline is None else baseline["metrics"]["accuracy"],
+        baseline_on_other_gold=bool(
+            baseline and metrics.get("gold_hash") and baseline.get("gold_hash") != metrics["gold_hash"]
+        ),
         gate=gate_text,
         modified=max(stamps),
     )
@@ -86,18 +94,19 @@ def list_runs(root: str | Path = "runs", *, depth: int = 3) -> list[RunSummary]:
 class Comparison:
     a: str
     b: str
-    paired: bool
+    paired: bool  # always True: runs on different gold sets are refused
     accuracy: tuple[float, float]
-    verdict: GateVerdict | None  # B held to A, when paired
+    verdict: GateVerdict  # B held to A
     per_category: list[tuple[str, float | None, float | None]]  # label, accuracy in A, in B
 
 
 def compare(a: str | Path, b: str | Path) -> Comparison:
-    """What changed from run A to run B, per category."""
+    """What changed from run A to run B, per category; both must be scored on the same gold set."""
     a, b = Path(a), Path(b)
     labels = task_labels(a) or task_labels(b)
     sa = load_predictions(a, labels=labels)
     sb = load_predictions(b, labels=sa.labels)
+    check_same_gold((sa.source, sa.gold_hash), (sb.source, sb.gold_hash), "compare these runs")
     ma, mb = sa.metrics(), sb.metrics()
     cats = sorted(set(ma.per_category) | set(mb.per_category))
     rows = [
@@ -105,13 +114,12 @@ def compare(a: str | Path, b: str | Path) -> Comparison:
         for label in cats
         if (ma.per_category.get(label) or {}).get("support") or (mb.per_category.get(label) or {}).get("support")
     ]
-    paired = sa.gold_hash == sb.gold_hash
     return Comparison(
         a=str(a),
         b=str(b),
-        paired=paired,
+        paired=True,
         accuracy=(ma.accuracy, mb.accuracy),
-        verdict=gate(sb, sa) if paired else None,
+        verdict=gate(sb, sa),
         per_category=rows,
     )
 

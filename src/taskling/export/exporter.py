@@ -37,33 +37,48 @@ from typing import Any
 
 import torch
 
-from taskling.errors import RunError, TasklingError
-from taskling.io import write_text
-from taskling.model.loader import ChatFormat, load_model, load_tokenizer, resolve_base
-from taskling.task import Task
+from taskling.export.common import (
+    LOGIT_TOLERANCE,
+    NEAR_TIE,
+    WEIGHT_TOLERANCE,
+    ExportError,
+    RunInfo,
+    compare_predictions,
+    load_run,
+    merged_model,
+    sample_texts,
+    sha256_file,
+)
+from taskling.io import read_json, write_json, write_text
+from taskling.model.loader import load_model, load_tokenizer
+from taskling.rundir import RunDir
 from taskling.version import __version__
 
 log = logging.getLogger(__name__)
+
+# Re-exported: callers import these from here (`from taskling.export.exporter import ExportError`).
+__all__ = [
+    "LOGIT_TOLERANCE",
+    "NEAR_TIE",
+    "WEIGHT_TOLERANCE",
+    "ExportError",
+    "ExportResult",
+    "RunInfo",
+    "compare_predictions",
+    "export",
+    "load_run",
+    "merged_model",
+    "ollama_template",
+    "render_go_template",
+    "sample_texts",
+]
 
 FORMATS = ("merged", "gguf", "ollama", "vllm")
 QUANTS = ("f16", "q8_0")
 MERGED_DTYPES = ("float32", "bfloat16", "float16")
 GGUF_NAME = "model.gguf"
-# Relative error of the logits (max |diff| / max |reference|) a GGUF may show against the
-# merged transformers model: f16 rounds weights to ~3 significant digits, q8_0 to ~2.
-LOGIT_TOLERANCE = {"f16": 0.01, "q8_0": 0.06}
-# The same, per tensor, for the weights read back (f16: 2^-11 relative rounding; q8_0: 1/254
-# of a 32-value block's largest magnitude). A wrong q/k layout is off by O(1).
-WEIGHT_TOLERANCE = {"f16": 1e-3, "q8_0": 1e-2}
-# A label disagreement between two numerically equivalent models is only an error when the
-# reference was not near a tie: bf16 vs fp32 merges may flip a coin-toss.
-NEAR_TIE = 0.05
 # vLLM accepts only these --max-lora-rank values.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-class ExportError(TasklingError):
-    """A run cannot be exported to the requested format, or the export failed its check."""
 
 
 @dataclass
@@ -74,72 +89,7 @@ class ExportResult:
     checks: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class RunInfo:
-    run_dir: Path
-    manifest: dict[str, Any]
-    task: Task
-    tokenizer: Any
-    base_path: str
-
-    @property
-    def chat_template(self) -> str:
-        return str(self.manifest["chat_template"])
-
-    def chat_format(self, tokenizer: Any | None = None) -> ChatFormat:
-        return ChatFormat(tokenizer or self.tokenizer, self.task, int(self.manifest["max_length"]))
-
-
-def load_run(run_dir: str | Path) -> RunInfo:
-    """The pieces of a finished run an export needs."""
-    run_dir = Path(run_dir).resolve()
-    if not (run_dir / "run.json").is_file() or not (run_dir / "adapter").is_dir():
-        raise RunError(
-            f"{run_dir} is not a finished run (no run.json or adapter/)",
-            fix="train first: taskling train CONFIG.yaml, or point at the run directory it wrote",
-        )
-    manifest = json.loads((run_dir / "run.json").read_text())
-    base_path = manifest["base_model_path"]
-    if not Path(base_path).exists():
-        base_path = resolve_base(manifest["base_model"])
-    tokenizer = load_tokenizer(str(run_dir / "tokenizer"), manifest["chat_template"])
-    return RunInfo(run_dir, manifest, Task.model_validate(manifest["task"]), tokenizer, base_path)
-
-
-def merged_model(run: RunInfo) -> Any:
-    """Base + the run's best adapter, merged in float32 (the merge itself loses nothing)."""
-    from peft import PeftModel
-
-    base = load_model(run.base_path, torch.float32)
-    model = PeftModel.from_pretrained(base, str(run.run_dir / "adapter")).merge_and_unload()
-    return model.eval()
-
-
-def sample_texts(run: RunInfo, n: int = 8) -> list[str]:
-    """A few real messages from the run's own data, to check exports on."""
-    texts: list[str] = []
-    for name in ("validation.jsonl", "train.jsonl"):
-        path = run.run_dir / "data" / name
-        if not path.is_file():
-            continue
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if len(texts) >= n:
-                    break
-                if line.strip():
-                    texts.append(str(json.loads(line)["text"]))
-    return texts or ["what is my credit score", "play the next song please", "thanks a lot"]
-
-
 # ---------------------------------------------------------------- writing
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextmanager
@@ -186,13 +136,13 @@ def write_manifest(
         "files": {name: {"sha256": sha, "bytes": (directory / name).stat().st_size} for name, sha in files.items()},
         "checks": checks,
     }
-    write_text(directory / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_json(directory / "manifest.json", manifest)
     return files
 
 
 def default_out(run_dir: Path, fmt: str, quant: str) -> Path:
     suffix = f"-{quant}" if fmt in ("gguf", "ollama") else ""
-    return run_dir / "exports" / f"{fmt}{suffix}"
+    return RunDir(run_dir).exports / f"{fmt}{suffix}"
 
 
 def export(
@@ -305,27 +255,6 @@ def write_merged(run: RunInfo, out: Path, *, quant: str, verify: bool, dtype: st
     if verify:
         checks["labels"] = check_merged(run, out)
     return checks
-
-
-def compare_predictions(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, Any]:
-    """Label agreement of two prediction lists; disagreements on a clear reference answer fail."""
-    disagree = [
-        {"text": r.text, "reference": r.label, "export": c.label, "reference_margin": round(r.margin, 4)}
-        for r, c in zip(reference, candidate, strict=True)
-        if r.label != c.label
-    ]
-    max_diff = max(
-        abs(r.probabilities[label] - c.probabilities[label])
-        for r, c in zip(reference, candidate, strict=True)
-        for label in r.probabilities
-    )
-    return {
-        "texts": len(reference),
-        "agree": len(reference) - len(disagree),
-        "max_probability_diff": round(max_diff, 6),
-        "disagreements": disagree,
-        "clear_disagreements": sum(d["reference_margin"] >= NEAR_TIE for d in disagree),
-    }
 
 
 def check_merged(run: RunInfo, out: Path) -> dict[str, Any]:
@@ -467,9 +396,9 @@ def _vllm_base(run: RunInfo) -> str:
 def write_vllm(run: RunInfo, out: Path, *, quant: str, verify: bool) -> dict[str, Any]:
     import shlex
 
-    shutil.copytree(run.run_dir / "adapter", out / "adapter")
+    shutil.copytree(run.files.adapter, out / "adapter")
     write_text(out / "chat_template.jinja", run.chat_template)
-    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    adapter_config = read_json(out / "adapter" / "adapter_config.json")
     rank = max([int(adapter_config["r"]), *map(int, (adapter_config.get("rank_pattern") or {}).values())])
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", run.task.name) or "taskling"
@@ -494,13 +423,11 @@ def write_vllm(run: RunInfo, out: Path, *, quant: str, verify: bool) -> dict[str
         "max_tokens": fmt.max_answer_length + 1,
         "structured_outputs": {"choice": list(run.task.labels)},
     }
-    write_text(out / "request.json", json.dumps(request, indent=2, ensure_ascii=False) + "\n")
+    write_json(out / "request.json", request)
     checks: dict[str, Any] = {"max_lora_rank": max_rank, "adapter_rank": rank, "base": base}
     if verify:
         same = all(
-            sha256_file(p) == sha256_file(out / "adapter" / p.name)
-            for p in (run.run_dir / "adapter").iterdir()
-            if p.is_file()
+            sha256_file(p) == sha256_file(out / "adapter" / p.name) for p in run.files.adapter.iterdir() if p.is_file()
         )
         if not same:
             raise ExportError(f"{out / 'adapter'} does not match the run's adapter byte for byte")

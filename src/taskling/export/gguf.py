@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from taskling.export.exporter import (
+from taskling.export.common import (
     LOGIT_TOLERANCE,
     WEIGHT_TOLERANCE,
     ExportError,

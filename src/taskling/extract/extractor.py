@@ -40,8 +40,10 @@ from typing import Any
 
 import torch
 
-from taskling.errors import ModelError, RunError
+from taskling.errors import ModelError
 from taskling.extract.schema import ExtractionTask, FieldSpec
+from taskling.model.loader import PromptTemplate, encode_plain, encode_template
+from taskling.rundir import EXTRACTION, RunDir, adapter_version, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,9 @@ class RecordFormat:
                 fix="set model.chat_template to a template whose generation prompt is a prefix of the full chat",
             )
         self.end_text = full[len(prompt) + 2 :].rstrip("\n")
-        self.end_ids = self.encode(self.end_text)
+        self.end_ids = encode_template(tokenizer, self.end_text)
         self.quote_id = self._single('"')
+        self.template = PromptTemplate(tokenizer, lambda text: self._render(task.messages(text), True))
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return str(
@@ -72,7 +75,8 @@ class RecordFormat:
         )
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        """Ids of record text (keys, values): special-token strings stay plain characters."""
+        return encode_plain(self.tokenizer, text)
 
     def _single(self, text: str) -> int:
         ids = self.encode(text)
@@ -133,23 +137,16 @@ class RecordFormat:
         return total
 
     def prompt_ids(self, text: str, budget: int | None = None) -> list[int]:
-        """Prompt ids; a long message keeps its first tokens so prompt + answer fit `max_length`."""
-        ids = self.encode(self._render(self.task.messages(text), True))
+        """Prompt ids, the message as plain text (`PromptTemplate`); a long message keeps its
+        first tokens so prompt + answer fit `max_length`."""
         budget = budget if budget is not None else self.max_length - min(self.max_answer_length, self.max_length // 2)
-        if len(ids) <= budget:
-            return ids
-        text_ids = self.encode(text)
-        keep = budget - (len(ids) - len(text_ids))
-        while keep > 0:
-            cut = self.tokenizer.decode(text_ids[:keep], skip_special_tokens=True)
-            ids = self.encode(self._render(self.task.messages(cut), True))
-            if len(ids) <= budget:
-                return ids
-            keep -= len(ids) - budget
-        raise ModelError(
-            f"model.max_length={self.max_length} leaves no room for the message",
-            fix="raise model.max_length or shorten the instruction",
-        )
+        ids = self.template.ids(text, budget)
+        if ids is None:
+            raise ModelError(
+                f"model.max_length={self.max_length} leaves no room for the message",
+                fix="raise model.max_length or shorten the instruction",
+            )
+        return ids
 
     def training_ids(self, text: str, record: dict[str, Any]) -> tuple[list[int], list[int]]:
         """(input ids, labels) with labels -100 on the prompt: the loss is on the answer only."""
@@ -365,30 +362,23 @@ class Extractor:
     def from_run(cls, run_dir: str | Path, *, device: str | None = None, dtype: str = "auto") -> Extractor:
         from peft import PeftModel
 
-        from taskling.model.loader import default_device, load_model, pick_dtype
-        from taskling.serve.classifier import adapter_version, base_path
+        from taskling.model.loader import base_path, default_device, load_model, pick_dtype
 
         manifest = read_extraction_manifest(run_dir)
         device = device or default_device()
         base = load_model(base_path(manifest), pick_dtype(dtype), device)
-        model = PeftModel.from_pretrained(base, str(Path(run_dir) / "adapter")).merge_and_unload()
+        model = PeftModel.from_pretrained(base, str(RunDir(run_dir).adapter)).merge_and_unload()
         return cls(model, run_record_format(run_dir, manifest), device, adapter_version(run_dir))
 
 
 def read_extraction_manifest(run_dir: str | Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    path = run_dir / "run.json"
-    if not path.is_file() or not (run_dir / "adapter").is_dir():
-        raise RunError(f"{run_dir} is not a finished run (no run.json or adapter/)", fix="taskling extract-train first")
-    manifest = dict(json.loads(path.read_text()))
-    if manifest.get("kind") != "extraction":
-        raise RunError(f"{run_dir} is a classification run", fix="use taskling classify / eval for it")
-    return manifest
+    """The manifest of a finished extraction run (a RunError for anything else)."""
+    return read_manifest(run_dir, kind=EXTRACTION)
 
 
 def run_record_format(run_dir: str | Path, manifest: dict[str, Any]) -> RecordFormat:
     from taskling.model.loader import load_tokenizer
 
-    tokenizer = load_tokenizer(str(Path(run_dir) / "tokenizer"), manifest.get("chat_template"))
+    tokenizer = load_tokenizer(str(RunDir(run_dir).tokenizer), manifest.get("chat_template"))
     task = ExtractionTask.model_validate(manifest["task"])
     return RecordFormat(tokenizer, task, int(manifest["max_length"]))

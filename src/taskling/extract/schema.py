@@ -27,9 +27,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from taskling.config import LoraSettings, ModelConfig, TrainSettings, _merge, _resolve_paths, parse_overrides
-from taskling.data.load import BadRow
+from taskling.config import LoraSettings, ModelConfig, TrainSettings, merge, parse_overrides, resolve_paths
+from taskling.data.load import BadRow, is_unicode, parse_jsonl_lines
 from taskling.errors import ConfigError, DataError
+from taskling.io import read_json, write_jsonl
 
 FieldType = Literal["enum", "string", "integer", "number", "boolean"]
 DEFAULT_EXTRACT_INSTRUCTION = "Extract the fields from the user's message. Answer with one JSON object."
@@ -154,7 +155,7 @@ class ExtractionTask(BaseModel):
                 path = Path(str(schema))
                 if not path.is_file():
                     raise ConfigError(f"task.json_schema: {path} does not exist")
-                schema = json.loads(path.read_text(encoding="utf-8"))
+                schema = read_json(path)
             data["fields"] = fields_from_json_schema(schema)
         elif "pydantic_model" in data:
             data["fields"] = fields_from_json_schema(_import_model(data.pop("pydantic_model")).model_json_schema())
@@ -262,13 +263,13 @@ def load_extraction_config(path: str | Path, overrides: list[str] | None = None)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (task, data, ...)")
     root = path.parent.resolve()
-    raw = _resolve_paths(raw, root)
+    raw = resolve_paths(raw, root)
     task = raw.get("task")
     if isinstance(task, dict) and isinstance(task.get("json_schema"), str):
         schema = Path(task["json_schema"]).expanduser()
         raw["task"] = {**task, "json_schema": str(schema if schema.is_absolute() else root / schema)}
-    extra = _resolve_paths(parse_overrides(overrides or []), Path.cwd())
-    return build_extraction_config(_merge(raw, extra), source=str(path))
+    extra = resolve_paths(parse_overrides(overrides or []), Path.cwd())
+    return build_extraction_config(merge(raw, extra), source=str(path))
 
 
 # ---------------------------------------------------------------- data
@@ -299,36 +300,52 @@ def load_records(
 ) -> RecordLoad:
     """Rows `{"text": ..., "record": {...}}` checked against the task; bad rows raise or are counted."""
     out = RecordLoad()
+    fix = (
+        f'each line must be {{"{text_field}": ..., "{record_field}": {{...}}}} fitting the task fields, '
+        "or set data.on_bad_rows=skip"
+    )
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise DataError(f"{path} does not exist", path=path)
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
+        for parsed in parse_jsonl_lines(path):
             out.rows_read += 1
             try:
-                row = json.loads(line)
-                text = row[text_field]
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError(f"`{text_field}` must be a non-empty string")
-                record = task.validate_record(row[record_field])
-            except (ValueError, KeyError, TypeError) as err:
-                reason = "bad json" if isinstance(err, json.JSONDecodeError) else "record does not fit the schema"
-                if isinstance(err, KeyError):
-                    reason = "missing field"
+                text, record = _record_row(parsed.value, parsed.reason, parsed.detail, task, text_field, record_field)
+            except _BadRecord as bad:
                 if on_bad_rows == "error":
-                    raise DataError(
-                        f"{reason}: {err}",
-                        path=path,
-                        line=number,
-                        fix=f'each line must be {{"{text_field}": ..., "{record_field}": {{...}}}} fitting the task '
-                        "fields, or set data.on_bad_rows=skip",
-                    ) from None
-                out.bad_rows.append(BadRow(str(path), number, reason, str(err)))
+                    raise DataError(f"{bad.reason}: {bad.detail}", path=path, line=parsed.line, fix=fix) from None
+                out.bad_rows.append(BadRow(str(path), parsed.line, bad.reason, bad.detail))
                 continue
-            out.examples.append(RecordExample(text, record, str(path), number))
+            out.examples.append(RecordExample(text, record, str(path), parsed.line))
     return out
+
+
+class _BadRecord(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _record_row(
+    row: Any, error: str, detail: str, task: ExtractionTask, text_field: str, record_field: str
+) -> tuple[str, dict[str, Any]]:
+    if error:
+        raise _BadRecord("not UTF-8" if error == "not_utf8" else "bad json", detail)
+    if not isinstance(row, dict):
+        raise _BadRecord("bad json", f"expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in (text_field, record_field) if k not in row]
+    if missing:
+        raise _BadRecord("missing field", f"missing {missing}")
+    text = row[text_field]
+    if not isinstance(text, str) or not text.strip():
+        raise _BadRecord("record does not fit the schema", f"`{text_field}` must be a non-empty string")
+    if not is_unicode(json.dumps(row, ensure_ascii=False)):
+        raise _BadRecord("not valid Unicode", "an unpaired surrogate escape (\\ud800-\\udfff)")
+    try:
+        return text, task.validate_record(row[record_field])
+    except (ValueError, TypeError) as err:
+        raise _BadRecord("record does not fit the schema", str(err)) from None
 
 
 def split_records(
@@ -344,8 +361,6 @@ def split_records(
 
 
 def write_records(path: str | Path, examples: list[RecordExample]) -> None:
-    from taskling.io import write_jsonl
-
     write_jsonl(path, ({"text": ex.text, "record": ex.record} for ex in examples))
 
 

@@ -8,7 +8,8 @@ dequantized once and cached as safetensors.
 
 `ChatFormat` turns a text into prompt token ids and a label into answer token ids with the
 model's own chat template. Training and inference both go through it, so the prompt the
-adapter learned on is the prompt it is asked with.
+adapter learned on is the prompt it is asked with. The user's text is tokenized as plain
+text (`PromptTemplate`): a typed `<|im_end|>` never becomes a control token.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -176,12 +178,79 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# Stands in for the user's message when the template is rendered once to find what surrounds it.
+_PLACEHOLDER = "\x00taskling-message\x00"
+
+
+def encode_template(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of template text: special-token strings (`<|im_end|>`) become control tokens."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def encode_plain(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of user text: special-token strings stay plain characters, never control tokens."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if text else []
+
+
+def as_unicode(text: str) -> str:
+    """`text` with unpaired surrogates (a JSON "\\ud800" escape, undecodable argv bytes) read as U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+class PromptTemplate:
+    """The chat prompt around one user message, tokenized so the message stays plain text.
+
+    The template is rendered once around a placeholder. What comes before the message
+    (system prompt, earlier turns, turn markers) and after it (end of turn, generation
+    prompt) is tokenized as template text; the message alone is tokenized with special
+    tokens split, so a user who types `<|im_end|>` sends those characters, never the
+    control token. Training and inference both build prompts here, so they stay identical.
+    """
+
+    def __init__(self, tokenizer: Any, render: Callable[[str], str]) -> None:
+        self.tokenizer = tokenizer
+        self._render = render
+        rendered = render(_PLACEHOLDER)
+        if rendered.count(_PLACEHOLDER) != 1:
+            raise ModelError(
+                "the chat template does not write the user's message exactly once",
+                fix="set model.chat_template to a template that renders each message's content once",
+            )
+        self.prefix, _, self.suffix = rendered.partition(_PLACEHOLDER)
+        self.prefix_ids = encode_template(tokenizer, self.prefix)
+        self.suffix_ids = encode_template(tokenizer, self.suffix)
+
+    @property
+    def overhead(self) -> int:
+        """Tokens the template takes around the message."""
+        return len(self.prefix_ids) + len(self.suffix_ids)
+
+    def message_text(self, text: str) -> str:
+        """The message as the template writes it (Gemma's trims it, for one)."""
+        text = as_unicode(text)
+        rendered = self._render(text)
+        end = len(rendered) - len(self.suffix)
+        if end >= len(self.prefix) and rendered.startswith(self.prefix) and rendered.endswith(self.suffix):
+            return rendered[len(self.prefix) : end]
+        return text  # a template that changes the text around the message: insert it as given
+
+    def ids(self, text: str, budget: int) -> list[int] | None:
+        """Prompt ids in at most `budget` tokens: a long message keeps its first tokens.
+        None when the template alone leaves no room for any message token."""
+        body = encode_plain(self.tokenizer, self.message_text(text))
+        room = budget - self.overhead
+        if len(body) > room and room <= 0:
+            return None
+        return self.prefix_ids + body[: max(room, 0)] + self.suffix_ids
+
+
 class ChatFormat:
     """Prompt and answer token ids for a task, rendered with the model's chat template.
 
     The answer of a label is what the template writes after the generation prompt for an
     assistant turn holding that label, up to and including its end-of-turn marker. Prompt
-    and answer are tokenized separately and concatenated, both in training and scoring.
+    and answer are tokenized separately and concatenated, both in training and scoring; the
+    user's message inside the prompt is plain text (`PromptTemplate`).
     """
 
     _PROBE = "probe message"
@@ -197,7 +266,11 @@ class ChatFormat:
         return str(rendered)
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_template(self.tokenizer, text)
+
+    @cached_property
+    def template(self) -> PromptTemplate:
+        return PromptTemplate(self.tokenizer, lambda text: self._render(self.task.messages(text), True))
 
     def answer_text(self, label: str) -> str:
         prompt = self._render(self.task.messages(self._PROBE), True)
@@ -239,32 +312,21 @@ class ChatFormat:
         return seqs
 
     def prompt_ids(self, text: str) -> list[int]:
-        """Prompt ids for `text`.
+        """Prompt ids for `text`: the template's tokens around the message's plain-text tokens.
 
         Truncation rule: when the prompt and the longest answer would exceed `max_length`,
         the message keeps its first tokens and loses the rest; the template around it
         (instruction, turn markers, generation prompt) is never cut. An unpaired surrogate
         (a JSON "\\ud800" escape) cannot be tokenized and is read as U+FFFD.
         """
-        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-        ids = self._encode(self._render(self.task.messages(text), True))
-        budget = self.max_length - self.max_answer_length
-        if len(ids) <= budget:
-            return ids
-        text_ids = self._encode(text)
-        overhead = len(ids) - len(text_ids)
-        keep = budget - overhead
-        while keep > 0:
-            cut = self.tokenizer.decode(text_ids[:keep], skip_special_tokens=True)
-            ids = self._encode(self._render(self.task.messages(cut), True))
-            if len(ids) <= budget:
-                return ids
-            keep -= len(ids) - budget  # re-tokenizing the cut text can merge differently
-        raise ModelError(
-            f"model.max_length={self.max_length} leaves no room for the message: the prompt template alone "
-            f"takes {overhead} tokens and the longest answer {self.max_answer_length}",
-            fix="raise model.max_length or shorten the task instruction",
-        )
+        ids = self.template.ids(text, self.max_length - self.max_answer_length)
+        if ids is None:
+            raise ModelError(
+                f"model.max_length={self.max_length} leaves no room for the message: the prompt template alone "
+                f"takes {self.template.overhead} tokens and the longest answer {self.max_answer_length}",
+                fix="raise model.max_length or shorten the task instruction",
+            )
+        return ids
 
     def training_ids(self, text: str, label: str) -> tuple[list[int], list[int]]:
         """(input ids, labels) where labels are -100 on the prompt: loss on the answer only."""

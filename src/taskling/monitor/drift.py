@@ -29,16 +29,22 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskling.errors import ConfigError
 from taskling.io import write_text
+from taskling.monitor.config import (
+    UNKNOWN,
+    CategoryShift,
+    DriftReport,
+    MonitorConfig,
+    Signal,
+    load_monitor_config,
+)
+from taskling.monitor.html import render_html
 from taskling.monitor.reference import (
     Embedder,
     Reference,
@@ -52,119 +58,30 @@ from taskling.monitor.reference import (
     max_similarity,
     text_stats,
 )
+from taskling.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "UNKNOWN",
+    "CategoryShift",
     "DriftReport",
     "Embedder",
     "MonitorConfig",
     "Reference",
+    "Signal",
     "build_reference",
     "calibrate",
     "get_embedder",
     "hashing_embedder",
+    "load_monitor_config",
     "load_reference",
     "monitor",
     "monitor_rows",
     "write_report",
 ]
 
-# The label an abstaining classifier gives (abstain.UNKNOWN; not imported: that pulls in torch).
-UNKNOWN = "unknown"
-
-
-class MonitorConfig(BaseModel):
-    """Alarm thresholds for `taskling monitor` (YAML via `--config`; unknown keys are errors)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # "minilm": all-MiniLM-L6-v2 sentence embeddings; "hashing": character n-gram hashing
-    # (no model, for tests and quick looks).
-    embedder: Literal["minilm", "hashing"] = "minilm"
-    # Fewer rows than this in the window: report, but never alarm (too noisy to judge).
-    min_rows: int = Field(50, ge=1)
-    # Label shift alarms when PSI exceeds psi_max AND chi-squared p is below chi2_p_max:
-    # PSI says the shift is large, the test says it is not sampling noise of a small window.
-    psi_max: float = Field(0.25, gt=0)
-    chi2_p_max: float = Field(0.001, gt=0, lt=1)
-    confidence_drop_max: float = Field(0.05, gt=0)
-    low_margin: float = Field(0.2, gt=0, lt=1)  # an answer with margin below this is "low-margin"
-    low_margin_increase_max: float = Field(0.10, gt=0)
-    # Centroid cosine distance; None: calibrated as embedding_distance_factor x (mean + 4 sd)
-    # of resampled validation windows of the window's size. The factor leaves room for the
-    # mild, harmless difference between held-out training rows and live traffic.
-    embedding_distance_max: float | None = Field(None, gt=0)
-    embedding_distance_factor: float = Field(1.5, ge=1)
-    ood_quantile: float = Field(0.01, gt=0, lt=0.5)
-    ood_share_max: float = Field(0.08, gt=0, lt=1)
-    length_change_max: float = Field(0.5, gt=0)  # relative change in mean words per input
-    abstain_share_max: float = Field(0.10, gt=0, lt=1)  # share of `unknown` answers
-    buckets: int = Field(20, ge=2, le=200)
-
-
-def load_monitor_config(path: str | Path | None) -> MonitorConfig:
-    if path is None:
-        return MonitorConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"monitor config {path} does not exist")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    try:
-        return MonitorConfig.model_validate(raw.get("monitor", raw))
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
-            for e in err.errors()
-        )
-        raise ConfigError(f"{path} is invalid: {problems}", fix="see docs/monitor.md for the keys") from None
-
-
 # ---------------------------------------------------------------- the checks
-
-
-@dataclass
-class Signal:
-    name: str
-    value: float | None
-    threshold: float | None
-    alarm: bool
-    detail: str
-
-
-@dataclass
-class CategoryShift:
-    label: str
-    train_share: float
-    window_share: float
-    count: int
-    psi: float
-    residual: float  # (observed - expected) / sqrt(expected)
-
-
-@dataclass
-class DriftReport:
-    run_dir: str
-    window: dict[str, Any]
-    signals: list[Signal]
-    categories: list[CategoryShift]
-    text_stats: dict[str, Any]
-    ood_examples: list[dict[str, Any]]
-    series: list[dict[str, Any]]
-    config: dict[str, Any]
-    window_start_index: int = 0
-    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-
-    @property
-    def alarm(self) -> bool:
-        return any(s.alarm for s in self.signals)
-
-    @property
-    def moved(self) -> list[Signal]:
-        return [s for s in self.signals if s.alarm]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"alarm": self.alarm, **asdict(self)}
 
 
 def label_shift(predicted: Sequence[str], share: dict[str, float]) -> tuple[float, float, list[CategoryShift]]:
@@ -212,6 +129,92 @@ def _signal(name: str, value: float, threshold: float, enough: bool, detail: str
     return Signal(name, value, threshold, bool(over and enough), detail)
 
 
+def _label_shift_signal(
+    in_scope: Sequence[dict[str, Any]], ref: Reference, config: MonitorConfig, enough: bool, note: str
+) -> tuple[Signal, list[CategoryShift]]:
+    psi, p_value, cats = label_shift([r["label"] for r in in_scope], ref.label_share)
+    moved = ", ".join(f"{c.label} {c.train_share:.1%}->{c.window_share:.1%}" for c in cats[:3] if c.psi > 0.01)
+    signal = Signal(
+        "label_shift",
+        psi,
+        config.psi_max,
+        bool(enough and psi > config.psi_max and p_value < config.chi2_p_max),
+        f"PSI {psi:.3f} (max {config.psi_max}), chi-squared p={p_value:.2g} (alarm below {config.chi2_p_max})"
+        + (f"; moved: {moved}" if moved else "")
+        + note,
+    )
+    return signal, cats
+
+
+def _confidence_signals(
+    in_scope: Sequence[dict[str, Any]],
+    before: Sequence[dict[str, Any]],
+    ref: Reference,
+    config: MonitorConfig,
+    enough: bool,
+    note: str,
+) -> list[Signal]:
+    """Confidence against validation answers (calibrate) or, failing that, the log rows before the window."""
+    probs = [r["probabilities"] for r in in_scope]
+    if ref.confidence is not None:
+        ref_conf, ref_low, source = ref.confidence, ref.low_margin_share or 0.0, ref.confidence_source
+    elif len(before) >= config.min_rows:
+        ref_conf, ref_low = confidence_profile([r["probabilities"] for r in before], config.low_margin)
+        source = f"{len(before)} log rows before the window"
+    else:
+        return [Signal("confidence_drop", None, config.confidence_drop_max, False, "no reference: run calibrate")]
+    if not probs:
+        return [Signal("confidence_drop", None, config.confidence_drop_max, False, "no in-scope answers")]
+    conf, low = confidence_profile(probs, config.low_margin)
+    return [
+        _signal(
+            "confidence_drop",
+            ref_conf - conf,
+            config.confidence_drop_max,
+            enough,
+            f"mean top probability {ref_conf:.3f} -> {conf:.3f} (reference: {source})" + note,
+        ),
+        _signal(
+            "low_margin_share",
+            low - ref_low,
+            config.low_margin_increase_max,
+            enough,
+            f"answers with margin < {config.low_margin}: {ref_low:.1%} -> {low:.1%}" + note,
+        ),
+    ]
+
+
+def _input_signals(
+    rows: Sequence[dict[str, Any]], ref: Reference, config: MonitorConfig, embedder: Embedder, enough: bool, note: str
+) -> tuple[list[Signal], list[dict[str, Any]]]:
+    """Input drift (centroid distance) and the out-of-distribution share, with the least familiar inputs."""
+    n = len(rows)
+    if not n:
+        return [], []
+    texts = [r["text"] for r in rows]
+    emb = embedder(texts)
+    dist = centroid_distance(emb, ref.train_embeddings.mean(axis=0))
+    limit = config.embedding_distance_max or config.embedding_distance_factor * drift_threshold(ref, n)
+    sims = max_similarity(emb, ref.train_embeddings)
+    ood = sims < ref.ood_similarity
+    share = float(ood.mean())
+    signals = [
+        _signal("input_drift", dist, limit, enough, f"centroid cosine distance {dist:.4f} (max {limit:.4f})" + note),
+        _signal(
+            "ood_share",
+            share,
+            config.ood_share_max,
+            enough,
+            f"{int(ood.sum())} of {n} inputs ({share:.1%}) are less similar to any training row than "
+            f"{ref.ood_similarity:.3f} (validation's {config.ood_quantile:.0%} quantile)" + note,
+        ),
+    ]
+    examples = [
+        {"text": texts[i], "label": rows[i]["label"], "max_similarity": float(sims[i])} for i in np.argsort(sims)[:5]
+    ]
+    return signals, examples
+
+
 def check_window(
     rows: Sequence[dict[str, Any]],
     ref: Reference,
@@ -224,102 +227,32 @@ def check_window(
     n = len(rows)
     enough = n >= config.min_rows
     note = "" if enough else f" (only {n} rows < min_rows {config.min_rows}: not judged)"
-    signals: list[Signal] = []
     in_scope = [r for r in rows if r["label"] != UNKNOWN]
     abstained = n - len(in_scope)
-
-    psi, p_value, cats = label_shift([r["label"] for r in in_scope], ref.label_share)
-    moved = ", ".join(f"{c.label} {c.train_share:.1%}->{c.window_share:.1%}" for c in cats[:3] if c.psi > 0.01)
-    signals.append(
-        Signal(
-            "label_shift",
-            psi,
-            config.psi_max,
-            bool(enough and psi > config.psi_max and p_value < config.chi2_p_max),
-            f"PSI {psi:.3f} (max {config.psi_max}), chi-squared p={p_value:.2g} (alarm below {config.chi2_p_max})"
-            + (f"; moved: {moved}" if moved else "")
-            + note,
-        )
-    )
-
-    probs = [r["probabilities"] for r in in_scope]
-    if ref.confidence is not None:
-        ref_conf, ref_low, source = ref.confidence, ref.low_margin_share or 0.0, ref.confidence_source
-    elif len(before) >= config.min_rows:
-        ref_conf, ref_low = confidence_profile([r["probabilities"] for r in before], config.low_margin)
-        source = f"{len(before)} log rows before the window"
-    else:
-        ref_conf, ref_low, source = None, None, ""
-    if probs and ref_conf is not None and ref_low is not None:
-        conf, low = confidence_profile(probs, config.low_margin)
-        signals.append(
-            _signal(
-                "confidence_drop",
-                ref_conf - conf,
-                config.confidence_drop_max,
-                enough,
-                f"mean top probability {ref_conf:.3f} -> {conf:.3f} (reference: {source})" + note,
-            )
-        )
-        signals.append(
-            _signal(
-                "low_margin_share",
-                low - ref_low,
-                config.low_margin_increase_max,
-                enough,
-                f"answers with margin < {config.low_margin}: {ref_low:.1%} -> {low:.1%}" + note,
-            )
-        )
-    else:
-        signals.append(
-            Signal("confidence_drop", None, config.confidence_drop_max, False, "no reference: run calibrate")
-        )
-
-    texts = [r["text"] for r in rows]
-    emb = embedder(texts) if texts else np.zeros((0, ref.train_embeddings.shape[1]), dtype=np.float32)
-    ood_examples: list[dict[str, Any]] = []
-    if n:
-        dist = centroid_distance(emb, ref.train_embeddings.mean(axis=0))
-        limit = config.embedding_distance_max or config.embedding_distance_factor * drift_threshold(ref, n)
-        signals.append(
-            _signal("input_drift", dist, limit, enough, f"centroid cosine distance {dist:.4f} (max {limit:.4f})" + note)
-        )
-        sims = max_similarity(emb, ref.train_embeddings)
-        ood = sims < ref.ood_similarity
-        share = float(ood.mean())
-        signals.append(
-            _signal(
-                "ood_share",
-                share,
-                config.ood_share_max,
-                enough,
-                f"{int(ood.sum())} of {n} inputs ({share:.1%}) are less similar to any training row than "
-                f"{ref.ood_similarity:.3f} (validation's {config.ood_quantile:.0%} quantile)" + note,
-            )
-        )
-        for i in np.argsort(sims)[:5]:
-            ood_examples.append({"text": texts[i], "label": rows[i]["label"], "max_similarity": float(sims[i])})
-    stats = text_stats(texts)
+    shift, cats = _label_shift_signal(in_scope, ref, config, enough, note)
+    inputs, ood_examples = _input_signals(rows, ref, config, embedder, enough, note)
+    stats = text_stats([r["text"] for r in rows])
     change = stats["mean_words"] / ref.mean_words - 1 if ref.mean_words else 0.0
-    signals.append(
+    abstain_share = abstained / n if n else 0.0
+    signals = [
+        shift,
+        *_confidence_signals(in_scope, before, ref, config, enough, note),
+        *inputs,
         _signal(
             "text_length",
             abs(change),
             config.length_change_max,
             enough,
             f"mean words per input {ref.mean_words:.1f} -> {stats['mean_words']:.1f} ({change:+.0%})" + note,
-        )
-    )
-    abstain_share = abstained / n if n else 0.0
-    signals.append(
+        ),
         _signal(
             "abstained",
             abstain_share,
             config.abstain_share_max,
             enough,
             f"{abstained} of {n} answers were `{UNKNOWN}` ({abstain_share:.1%})" + note,
-        )
-    )
+        ),
+    ]
     stats["train_mean_words"] = ref.mean_words
     return signals, cats, stats, ood_examples
 
@@ -341,7 +274,7 @@ def parse_since(value: str, now: float | None = None) -> float:
             f"--since {value!r} is neither a duration nor a date", fix="use e.g. 7d, 24h, 30m or 2026-11-01"
         ) from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+        parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed.timestamp()
 
 
@@ -413,7 +346,7 @@ def monitor_rows(
 
 
 def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
 
 
 def monitor(
@@ -444,13 +377,11 @@ def monitor(
     return report
 
 
-def write_report(report: DriftReport, out_dir: str | Path) -> tuple[Path, Path]:
-    """`drift.json` and the self-contained `drift.html` in `out_dir`."""
-    from taskling.monitor.html import render_html
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, html_path = out / "drift.json", out / "drift.html"
+def write_report(report: DriftReport, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """`drift.json` and the self-contained `drift.html` in `out_dir` (default: the run's `monitor/`)."""
+    names = RunDir(report.run_dir)
+    out = Path(out_dir) if out_dir is not None else names.monitor
+    json_path, html_path = out / names.drift_report.name, out / names.drift_page.name
     write_text(json_path, json.dumps(report.to_dict(), indent=2, default=float, allow_nan=True))
     write_text(html_path, render_html(report), encoding="utf-8")
     return json_path, html_path

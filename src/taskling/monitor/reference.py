@@ -7,27 +7,23 @@ model's confidence on validation data (`RUN_DIR/monitor/calibration.json`, from 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from taskling.data.load import Example, content_hash, load_file
 from taskling.errors import RunError
-from taskling.io import write_text
-
-if TYPE_CHECKING:
-    from taskling.monitor.drift import MonitorConfig
+from taskling.io import atomic_write, read_json, write_json
+from taskling.monitor.config import MonitorConfig
+from taskling.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
-CALIBRATION_FILE = "calibration.json"
 
 
 # ---------------------------------------------------------------- embeddings
@@ -134,42 +130,42 @@ def _cached_embeddings(path: Path, key: str, texts: Sequence[str], embedder: Emb
             if str(cached["key"]) == key:
                 return np.asarray(cached["vectors"])
     vectors = embedder(texts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, key=np.array(key), vectors=vectors)
+    with atomic_write(path, "wb") as fh:  # a crash mid-write must not leave a cache that fails to load
+        np.savez(fh, key=np.array(key), vectors=vectors)
     return vectors
 
 
 def run_labels(run_dir: Path) -> list[str]:
-    for name in ("run.json", "labels.json"):
-        file = run_dir / name
-        if file.is_file():
-            data = json.loads(file.read_text())
-            return list(data["task"]["labels"] if name == "run.json" else data)
+    run = RunDir(run_dir)
+    if run.manifest.is_file():
+        return list(read_json(run.manifest)["task"]["labels"])
+    if run.labels.is_file():
+        return list(read_json(run.labels))
     raise RunError(f"{run_dir} records no label set (no run.json)", fix="point at a run directory taskling train wrote")
 
 
 def load_reference(run_dir: str | Path, config: MonitorConfig, embedder: Embedder | None = None) -> Reference:
     """The run's reference; training embeddings are cached in `RUN_DIR/monitor/`."""
-    run_dir = Path(run_dir)
-    train_file = run_dir / "data" / "train.jsonl"
-    if not train_file.is_file():
-        raise RunError(f"{train_file} does not exist", fix="monitor a run directory written by taskling train")
-    labels = run_labels(run_dir)
-    train = load_file(train_file).examples
-    val_file = run_dir / "data" / "validation.jsonl"
-    validation = load_file(val_file).examples if val_file.is_file() else []
+    run = RunDir(run_dir)
+    if not run.train_data.is_file():
+        raise RunError(f"{run.train_data} does not exist", fix="monitor a run directory written by taskling train")
+    labels = run_labels(run.root)
+    train = load_file(run.train_data).examples
+    validation = load_file(run.validation_data).examples if run.validation_data.is_file() else []
     embedder = embedder or get_embedder(config.embedder)
-    cache = run_dir / "monitor"
     t_emb = _cached_embeddings(
-        cache / f"train-{config.embedder}.npz", content_hash(train), [ex.text for ex in train], embedder
+        run.embedding_cache("train", config.embedder), content_hash(train), [ex.text for ex in train], embedder
     )
     v_emb = _cached_embeddings(
-        cache / f"validation-{config.embedder}.npz", content_hash(validation), [ex.text for ex in validation], embedder
+        run.embedding_cache("validation", config.embedder),
+        content_hash(validation),
+        [ex.text for ex in validation],
+        embedder,
     )
     ref = build_reference(train, validation, labels, embedder, config, train_embeddings=t_emb, val_embeddings=v_emb)
-    calibration = cache / CALIBRATION_FILE
+    calibration = run.calibration
     if calibration.is_file():
-        cal = json.loads(calibration.read_text())
+        cal = read_json(calibration)
         ref.confidence, ref.low_margin_share = cal["confidence"], cal["low_margin_share"]
         ref.confidence_source = f"validation answers ({calibration})"
     return ref
@@ -184,15 +180,14 @@ def confidence_profile(probabilities: Sequence[dict[str, float]], low_margin: fl
 def calibrate(run_dir: str | Path, probabilities: Sequence[dict[str, float]], config: MonitorConfig) -> Path:
     """Record the model's confidence on validation data as the monitor's reference."""
     confidence, low = confidence_profile(probabilities, config.low_margin)
-    out = Path(run_dir) / "monitor" / CALIBRATION_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = RunDir(run_dir).calibration
     payload = {
         "confidence": confidence,
         "low_margin_share": low,
         "low_margin": config.low_margin,
         "n": len(probabilities),
     }
-    write_text(out, json.dumps(payload, indent=2))
+    write_json(out, payload)
     return out
 
 

@@ -9,8 +9,9 @@
   (`clean.clean_examples`, gold-leak rejection included) into `VERSIONS/vN/`: the previous
   version's rows plus the accepted new ones, with review/rejected files and a manifest.
 - `retrain` trains a candidate on a training version, scores candidate and production on
-  one gold version (`gold.py`; every score names it), runs the gate (`bar.gate`) and
-  promotes only a passing candidate. Every decision, promotion or block, is appended to
+  one gold version (`score_on_gold`; every score names the version and its content hash),
+  runs the gate (`evaluate.gate`, non-inferiority margins included) and promotes only a
+  passing candidate. Every decision, promotion or block, is appended to
   the registry file (`registry.json`), which also names the current production run.
 - `run_cycle` chains monitor -> sample -> relabel -> retrain for a scheduled job.
 
@@ -21,7 +22,6 @@ The trainer and predictor are parameters, so the same loop runs a LoRA run (`lor
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -32,13 +32,18 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from taskling.data.clean import CleanConfig, clean_examples, normalize
-from taskling.data.gold import GoldVersion, all_gold_rows, score_on_gold
+from taskling.data.clean import CleanConfig, clean_examples
+from taskling.data.dedupe import find_leaks, normalize
+from taskling.data.gold import GoldVersion, all_gold_rows
 from taskling.data.load import Example, content_hash, label_counts, load_file, write_examples
-from taskling.data.split import find_leaks
 from taskling.errors import DataError, RunError
-from taskling.io import write_jsonl, write_text
-from taskling.monitor.drift import UNKNOWN, Embedder, Reference, label_shift, max_similarity
+from taskling.evaluate.gate import GateSettings, Scored, gate, write_verdict
+from taskling.evaluate.metrics import score
+from taskling.io import read_json, write_json, write_jsonl
+from taskling.monitor.config import UNKNOWN, MonitorConfig
+from taskling.monitor.drift import label_shift, parse_since
+from taskling.monitor.reference import Embedder, Reference, get_embedder, load_reference, max_similarity
+from taskling.rundir import RunDir
 from taskling.task import Task
 
 log = logging.getLogger(__name__)
@@ -151,7 +156,6 @@ def sample_run(
     monitor_config: Any = None,
 ) -> SampleResult:
     """`taskling sample`: read the log window, pick rows, write them as a relabeling file."""
-    from taskling.monitor.drift import MonitorConfig, get_embedder, load_reference, parse_since
     from taskling.serve.predlog import default_url, read_rows
 
     mcfg = monitor_config or MonitorConfig()
@@ -180,6 +184,19 @@ class DataVersion:
     counts: dict[str, int]
 
 
+def _load_relabeled(files: Sequence[str | Path], task: Task) -> tuple[list[Example], list[dict[str, Any]]]:
+    """The usable relabeled rows, and every skipped one with its file, line and reason."""
+    rows: list[Example] = []
+    skipped: list[dict[str, Any]] = []
+    for file in files:
+        loaded = load_file(file, task, on_bad_rows="skip")
+        rows.extend(loaded.examples)
+        skipped.extend(
+            {"source": b.path, "line": b.line, "reason": b.reason, "detail": b.detail} for b in loaded.bad_rows
+        )
+    return rows, skipped
+
+
 def new_training_version(
     versions_root: str | Path,
     relabeled: Sequence[str | Path],
@@ -206,14 +223,7 @@ def new_training_version(
             fix="pass the production run's data/train.jsonl",
         )
     old = load_file(previous, task).examples
-    new: list[Example] = []
-    skipped: list[dict[str, Any]] = []
-    for file in relabeled:
-        loaded = load_file(file, task, on_bad_rows="skip")
-        new.extend(loaded.examples)
-        skipped.extend(
-            {"source": b.path, "line": b.line, "reason": b.reason, "detail": b.detail} for b in loaded.bad_rows
-        )
+    new, skipped = _load_relabeled(relabeled, task)
     gold = all_gold_rows(gold_roots)
     config = (clean_config or CleanConfig(label_errors=False)).model_copy()
     # Only the new rows go through cleaning: the old version was cleaned when it was made.
@@ -258,7 +268,7 @@ def new_training_version(
         "gold_excluded": [str(r) for r in gold_roots],
         "created": _now(),
     }
-    write_text(folder / "manifest.json", json.dumps(manifest, indent=2))
+    write_json(folder / "manifest.json", manifest)
     log.info("training version %s: %s", folder, counts)
     return DataVersion(folder.name, folder, folder / "train.jsonl", counts)
 
@@ -267,14 +277,14 @@ def new_training_version(
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def read_registry(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         return {"production": None, "events": []}
-    return dict(json.loads(path.read_text()))
+    return dict(read_json(path))
 
 
 def record(path: str | Path, event: dict[str, Any], *, promote: str | None = None) -> dict[str, Any]:
@@ -284,10 +294,7 @@ def record(path: str | Path, event: dict[str, Any], *, promote: str | None = Non
     registry["events"].append({"time": _now(), **event})
     if promote is not None:
         registry["production"] = promote
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(registry, indent=2))
-    tmp.replace(path)
+    write_json(path, registry)
     return registry
 
 
@@ -312,6 +319,27 @@ class RetrainResult:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
+def score_on_gold(predictor: Any, gold: GoldVersion, labels: Sequence[str], out_dir: str | Path) -> dict[str, Any]:
+    """Score `predictor` on a gold version; writes metrics.json and predictions.jsonl naming it."""
+    texts = [ex.text for ex in gold.rows]
+    predicted = [p.label for p in predictor.predict(texts)]
+    metrics = score([ex.label for ex in gold.rows], predicted, labels)
+    out = RunDir(out_dir)
+    payload = {
+        "gold_version": gold.name,
+        "gold_tag": gold.tag,
+        "gold_hash": gold.content_hash,
+        "gold_file": str(gold.path / "gold.jsonl"),
+        "metrics": metrics.to_dict(),
+    }
+    write_json(out.metrics, payload)
+    write_jsonl(
+        out.predictions,
+        ({"text": ex.text, "gold": ex.label, "label": p} for ex, p in zip(gold.rows, predicted, strict=True)),
+    )
+    return {**payload, "predicted": predicted}
+
+
 def retrain(
     train_file: str | Path,
     candidate: str | Path,
@@ -322,24 +350,28 @@ def retrain(
     registry: str | Path,
     trainer: Trainer,
     loader: Loader,
-    gate_settings: dict[str, Any] | None = None,
+    gate_settings: GateSettings | dict[str, Any] | None = None,
 ) -> RetrainResult:
-    """Train `candidate` on `train_file`, gate it against `production` on `gold`, promote if it passes."""
-    from taskling.evaluate.gate import Scored, gate, write_verdict
+    """Train `candidate` on `train_file`, gate it against `production` on `gold`, promote if it passes.
 
+    `gate_settings` sets the gate's margins (`GateSettings`, or a dict of its fields): a candidate
+    lower than production by more than the margin is blocked even when the drop is not significant.
+    """
     candidate, production = Path(candidate), Path(production)
-    if not (candidate / "run.json").is_file():  # an already trained candidate is gated as it is
+    if not RunDir(candidate).manifest.is_file():  # an already trained candidate is gated as it is
         trainer(Path(train_file), candidate)
-    evals = f"evals/gold-{gold.name}"
-    scores = {}
-    for name, run in (("candidate", candidate), ("production", production)):
-        scores[name] = score_on_gold(loader(run), gold, labels, run / evals)
+    scores = {
+        name: score_on_gold(loader(run), gold, labels, RunDir(run).gold_evals(gold.name))
+        for name, run in (("candidate", candidate), ("production", production))
+    }
     texts = [ex.text for ex in gold.rows]
     golds = [ex.label for ex in gold.rows]
     cand = Scored(candidate.name, list(labels), texts, golds, scores["candidate"]["predicted"])
     prod = Scored(production.name, list(labels), texts, golds, scores["production"]["predicted"])
-    verdict = gate(cand, prod, **(gate_settings or {}))
-    write_verdict(verdict, candidate / evals / "gate.json")
+    settings = gate_settings if isinstance(gate_settings, GateSettings) else None
+    overrides = gate_settings if isinstance(gate_settings, dict) else {}
+    verdict = gate(cand, prod, settings, **overrides)
+    gate_file = write_verdict(verdict, RunDir(RunDir(candidate).gold_evals(gold.name)).gate)
     result = RetrainResult(
         candidate=candidate,
         production=production,
@@ -347,7 +379,11 @@ def retrain(
         gold=gold.tag,
         candidate_accuracy=scores["candidate"]["metrics"]["accuracy"],
         production_accuracy=scores["production"]["metrics"]["accuracy"],
-        verdict={"passed": verdict.passed, "failed": [f"{c.name}: {c.detail}" for c in verdict.failed_checks]},
+        verdict={
+            "passed": verdict.passed,
+            "failed": [f"{c.name}: {c.detail}" for c in verdict.failed_checks],
+            "non_inferiority": verdict.non_inferiority,
+        },
     )
     event = {
         "event": "promoted" if verdict.passed else "blocked",
@@ -357,7 +393,7 @@ def retrain(
         "gold": gold.tag,
         "candidate_accuracy": result.candidate_accuracy,
         "production_accuracy": result.production_accuracy,
-        "gate": str(candidate / evals / "gate.json"),
+        "gate": str(gate_file),
         "failed_checks": result.verdict["failed"],
     }
     record(registry, event, promote=str(candidate) if verdict.passed else None)

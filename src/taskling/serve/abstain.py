@@ -19,7 +19,6 @@ It is saved as `RUN_DIR/abstain.json` and loaded by `AbstainingClassifier.from_r
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,11 +27,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from taskling.errors import RunError
-from taskling.io import write_text
+from taskling.io import read_json, write_json
+from taskling.rundir import RunDir
 from taskling.serve.classifier import Prediction
 
 UNKNOWN = "unknown"
-ABSTAIN_FILE = "abstain.json"
 Metric = Literal["probability", "margin"]
 
 
@@ -52,18 +51,18 @@ class AbstainThreshold:
     oos_recall: float | None  # share of out-of-scope rows abstained on
 
     def save(self, run_dir: str | Path) -> Path:
-        path = Path(run_dir) / ABSTAIN_FILE
-        write_text(path, json.dumps(asdict(self), indent=2))
+        path = RunDir(run_dir).abstain
+        write_json(path, asdict(self))
         return path
 
     @classmethod
     def load(cls, run_dir: str | Path) -> AbstainThreshold:
-        path = Path(run_dir) / ABSTAIN_FILE
+        path = RunDir(run_dir).abstain
         if not path.is_file():
             raise RunError(
                 f"{path} does not exist", fix="calibrate first: taskling calibrate RUN_DIR --data VALIDATION"
             )
-        return cls(**json.loads(path.read_text()))
+        return cls(**read_json(path))
 
 
 def confidence_score(prediction: Prediction, metric: Metric) -> float:

@@ -23,6 +23,7 @@ job never drops a row silently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from taskling.errors import DataError, TasklingError
+from taskling.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +136,16 @@ def add_predictions(clf: Any, frame: Any, texts: list[str], batch_size: int) -> 
 
 
 class TableWriter:
-    """Appends DataFrames to one Parquet, JSONL or CSV file, written to a temp file and renamed on close."""
+    """Appends DataFrames to one Parquet, JSONL or CSV file through `taskling.io.atomic_write`:
+    readers see the old file or the whole new one, never part of it."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.fmt = table_format(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(self.path.name + ".partial")
         self.rows = 0
         self._parquet: Any = None
-        self._fh: Any = None if self.fmt == "parquet" else self.tmp.open("w", encoding="utf-8", newline="")
+        self._file = contextlib.ExitStack()
+        self._fh: Any = self._file.enter_context(atomic_write(self.path, "wb" if self.fmt == "parquet" else "w"))
 
     def write(self, frame: Any) -> None:
         if self.fmt == "parquet":
@@ -152,7 +154,7 @@ class TableWriter:
 
             table = _plain_arrow(pa.Table.from_pandas(frame, preserve_index=False))
             if self._parquet is None:
-                self._parquet = pq.ParquetWriter(self.tmp, table.schema)
+                self._parquet = pq.ParquetWriter(self._fh, table.schema)
             self._parquet.write_table(table.cast(self._parquet.schema))
         elif self.fmt == "jsonl":
             for record in frame.to_dict(orient="records"):
@@ -162,24 +164,23 @@ class TableWriter:
         self.rows += len(frame)
 
     def close(self) -> Path:
+        """Finish the file and move it into place."""
         if self._parquet is not None:
             self._parquet.close()
-        elif self._fh is not None:
-            self._fh.close()
-        if self.fmt == "parquet" and self._parquet is None:  # no rows: still a valid, empty file
+        elif self.fmt == "parquet":  # no rows: still a valid, empty file
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.table({c: pa.array([], pa.string()) for c in RESULT_COLUMNS}), self.tmp)
-        self.tmp.replace(self.path)
+            pq.write_table(pa.table({c: pa.array([], pa.string()) for c in RESULT_COLUMNS}), self._fh)
+        self._file.close()
         return self.path
 
-    def abort(self) -> None:
+    def abort(self, error: BaseException | None = None) -> None:
+        """Drop the partial file; the target is left as it was."""
         if self._parquet is not None:
             self._parquet.close()
-        elif self._fh is not None:
-            self._fh.close()
-        self.tmp.unlink(missing_ok=True)
+        error = error or RuntimeError("batch aborted")
+        self._file.__exit__(type(error), error, error.__traceback__)
 
 
 def _plain_arrow(table: Any) -> Any:
@@ -238,8 +239,8 @@ def predict_batch(
             frames = _ray_frames(run_dir, input_path, text_field, batch_size, workers, threads)
         for frame in frames:
             writer.write(frame)
-    except BaseException:
-        writer.abort()
+    except BaseException as err:
+        writer.abort(err)
         raise
     writer.close()
     seconds = time.perf_counter() - started

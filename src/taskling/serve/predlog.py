@@ -11,12 +11,19 @@ arrives within `max_wait_s` of the first), inserts them in one transaction, comm
 only then resolves the futures. A server answers a request after its future resolves, so
 every acknowledged prediction is on disk when the server is killed, SIGKILL included.
 SQLite runs with `synchronous=FULL`, so a commit also survives the machine losing power.
+
+The log holds raw user text, so it is private and does not grow forever: a SQLite file is
+created readable by its owner only (0600; SQLite gives its `-wal` and `-shm` files the same
+mode), an existing one that others can read is tightened, deleted rows are overwritten
+(`secure_delete`), and with `retain_days` rows older than that are deleted when the log
+opens and then every `purge_every_s` seconds.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -36,16 +43,20 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    delete,
     event,
     insert,
     select,
 )
 
 from taskling.errors import TasklingError
+from taskling.io import atomic_write
+from taskling.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-DB_NAME = "predictions.db"
+DAY_S = 86_400.0
+PRIVATE = 0o600
 
 metadata = MetaData()
 predictions = Table(
@@ -95,12 +106,47 @@ class LogRow:
 
 
 def default_url(run_dir: str | Path) -> str:
-    return f"sqlite:///{Path(run_dir).resolve() / DB_NAME}"
+    return f"sqlite:///{RunDir(Path(run_dir).resolve()).prediction_log}"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for other databases and in-memory SQLite."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def make_private(path: Path) -> None:
+    """Create the SQLite file owner-only before SQLite does (its -wal/-shm copy the mode); tighten an old one."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE))
+        return
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # no such folder: SQLite reports it, with the URL
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = file.stat().st_mode & 0o777
+            if mode & 0o077:
+                file.chmod(mode & 0o700)
+                log.warning("%s was readable by others (mode %o); now %o", file, mode, mode & 0o700)
+        except OSError:
+            continue
 
 
 def open_engine(url: str) -> Engine:
-    """An engine for `url` with the schema in place; SQLite gets WAL and full sync."""
+    """An engine for `url` with the schema in place; SQLite gets WAL, full sync, secure delete, mode 0600."""
     try:
+        file = sqlite_file(url)
+        if file is not None:
+            make_private(file)
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -109,6 +155,8 @@ def open_engine(url: str) -> Engine:
                 cur = conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=FULL")
+                # Deleted text is overwritten, not left in free pages (the default of some SQLite builds only).
+                cur.execute("PRAGMA secure_delete=ON")
                 cur.close()
 
         else:
@@ -135,11 +183,24 @@ def redact(url: str) -> str:
 class PredictionLog:
     """Group-committing writer: `submit` returns a future resolved once the rows are committed."""
 
-    def __init__(self, url: str, *, batch_size: int = 512, max_wait_s: float = 0.002) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        batch_size: int = 512,
+        max_wait_s: float = 0.002,
+        retain_days: float | None = None,
+        purge_every_s: float = 3600.0,
+    ) -> None:
         self.url = url
         self.engine = open_engine(url)
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
+        self.retain_days = retain_days
+        self.purge_every_s = purge_every_s
+        self.purged_rows = 0
+        self._last_purge = 0.0
+        self.purge()
         self._queue: queue.Queue[tuple[list[dict[str, Any]], Future[int]] | None] = queue.Queue()
         self.committed_rows = 0
         self.commits = 0
@@ -177,10 +238,44 @@ class PredictionLog:
             size += len(item[0])
         return batch, stop
 
+    def purge(self) -> int:
+        """Delete rows older than `retain_days` (nothing without it); the number deleted."""
+        if self.retain_days is None:
+            return 0
+        self._last_purge = time.monotonic()
+        cutoff = time.time() - self.retain_days * DAY_S
+        with self.engine.begin() as conn:
+            deleted = conn.execute(delete(predictions).where(predictions.c.time < cutoff)).rowcount or 0
+        self.purged_rows += deleted
+        if deleted:
+            log.info("prediction log: deleted %d rows older than %g days", deleted, self.retain_days)
+        return deleted
+
+    def _next(self) -> tuple[list[dict[str, Any]], Future[int]] | None:
+        """The next queued write; first, busy or idle, purge expired rows whenever that is due."""
+        while True:
+            wait = None
+            if self.retain_days is not None:
+                wait = max(self._last_purge + self.purge_every_s - time.monotonic(), 0.0)
+                if wait == 0.0:
+                    self._purge_quietly()
+                    continue
+            try:
+                return self._queue.get(timeout=wait)
+            except queue.Empty:
+                continue
+
+    def _purge_quietly(self) -> None:
+        try:
+            self.purge()
+        except Exception as err:  # a failed purge must not stop the writer; it is retried later
+            log.error("prediction log purge failed: %s", err)
+            self._last_purge = time.monotonic()
+
     def _run(self) -> None:
         stop = False
         while not stop:
-            first = self._queue.get()
+            first = self._next()
             if first is None:
                 break
             batch, stop = self._gather(first)
@@ -274,11 +369,8 @@ def export_jsonl(rows: Iterator[dict[str, Any]], path: str | Path) -> int:
 
     Correct the `label` of the rows that need it and the file trains directly.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as out:
+    with atomic_write(path) as out:
         for row in rows:
             record = {
                 "text": row["text"],
@@ -293,5 +385,4 @@ def export_jsonl(rows: Iterator[dict[str, Any]], path: str | Path) -> int:
             }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             n += 1
-    tmp.replace(path)
     return n

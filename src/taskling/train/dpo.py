@@ -20,20 +20,18 @@ cleanly beside transformers 5.23 and peft 0.21, but DPOTrainer tokenizes prompt 
 completion itself (and pulls in `datasets`), so its answers would not be the token
 sequences our constrained scorer ranks; the loss itself is a few lines.
 
-`compare` scores the SFT run and the DPO run on a gold file and writes `dpo_report.json`:
-accuracy and per-category (or per-field) accuracy before and after, and the gate's verdict
-(`bar.gate`, the DPO run as candidate, the SFT run as reference).
+Whether it helped is for `taskling.evaluate.refine.compare` to say: it scores both runs on
+a gold file and lets the gate decide.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,24 +40,30 @@ import torch.nn.functional as F
 
 from taskling.data.load import load_file
 from taskling.errors import DataError, RunError
-from taskling.io import write_jsonl, write_text
-from taskling.train.sft import _save_adapter, answer_logits, collate
+from taskling.io import iter_jsonl, read_json, write_json, write_jsonl
+from taskling.rundir import CLASSIFICATION, RunDir, read_manifest
+from taskling.train.checkpoint import save_adapter
+from taskling.train.loop import TrainingInterrupted, apply_gradients, set_seed, stop_signals
+from taskling.train.loss import answer_logits, collate
 
 log = logging.getLogger(__name__)
 
+Pair = tuple[list[int], list[int], list[int]]  # prompt, chosen answer, rejected answer token ids
+
 
 def run_kind(run_dir: str | Path) -> str:
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
+    """`classification` or `extraction`: the kind its run.json records."""
+    kind = RunDir(run_dir).kind()
+    if kind is None:
         raise RunError(f"{run_dir} is not a finished run (no run.json)", fix="train first")
-    return str(json.loads(path.read_text()).get("kind", "classification"))
+    return kind
 
 
 # ---------------------------------------------------------------- pairs
 
 
 def _teacher_rows(path: Path, run_dir: Path, kind: str, task: Any) -> list[tuple[str, str]]:
-    if kind == "classification":
+    if kind == CLASSIFICATION:
         return [(ex.text, ex.label) for ex in load_file(path, task).examples]
     from taskling.extract.schema import load_records
 
@@ -78,10 +82,10 @@ def build_pairs(
     """Write chosen/rejected pairs from the run's mistakes on `data` (default: its training rows)."""
     run_dir = Path(run_dir)
     kind = run_kind(run_dir)
-    data = Path(data) if data else run_dir / "data" / "train.jsonl"
+    data = Path(data) if data else RunDir(run_dir).train_data
     pairs: list[dict[str, Any]] = []
     task: Any  # a Task or an ExtractionTask
-    if kind == "classification":
+    if kind == CLASSIFICATION:
         from taskling.serve.classifier import Classifier
 
         clf = Classifier.from_run(run_dir)
@@ -115,7 +119,7 @@ def build_pairs(
         for (text, theirs), (said, _) in zip(taught, answers([t for t, _ in taught]), strict=True):
             if said != theirs:
                 pairs.append({"text": text, "chosen": theirs, "rejected": said, "source": "teacher_disagreement"})
-    out_path = Path(out) if out else run_dir / "pairs.jsonl"
+    out_path = Path(out) if out else RunDir(run_dir).pairs
     write_jsonl(out_path, pairs)
     counts = {"rows": len(rows), "pairs": len(pairs)}
     for pair in pairs:
@@ -160,13 +164,10 @@ def _read_pairs(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise DataError(f"{path} does not exist", path=path, fix="build pairs first: taskling pairs RUN_DIR")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in iter_jsonl(path):
         try:
-            row = json.loads(line)
             pairs.append({k: str(row[k]) for k in ("text", "chosen", "rejected")})
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (KeyError, TypeError) as err:
             raise DataError(
                 f"not a pair ({err})", path=path, line=number, fix='each line: {"text", "chosen", "rejected"}'
             ) from None
@@ -175,12 +176,10 @@ def _read_pairs(path: Path) -> list[dict[str, str]]:
     return pairs
 
 
-def _tokenize_pairs(
-    run_dir: Path, kind: str, pairs: list[dict[str, str]], path: Path
-) -> list[tuple[list[int], list[int], list[int]]]:
-    from taskling.serve.classifier import read_manifest, run_format
+def _tokenize_pairs(run_dir: Path, kind: str, pairs: list[dict[str, str]], path: Path) -> list[Pair]:
+    from taskling.serve.classifier import run_format
 
-    if kind == "classification":
+    if kind == CLASSIFICATION:
         fmt: Any = run_format(run_dir, read_manifest(run_dir))
 
         def answer(text: str) -> list[int]:
@@ -204,6 +203,68 @@ def _tokenize_pairs(
     return out
 
 
+def _pair_batch(rows: list[Pair], idx: Sequence[int], which: int, pad_id: int, device: Any) -> dict[str, torch.Tensor]:
+    """Prompt + answer (`which`: 1 chosen, 2 rejected) for the pairs `idx`, loss on the answer."""
+    return collate([(rows[i][0] + rows[i][which], [-100] * len(rows[i][0]) + rows[i][which]) for i in idx],
+                   pad_id, device)  # fmt: skip
+
+
+def _load_policy(run_dir: Path, manifest: dict[str, Any]) -> tuple[Any, Any]:
+    """The SFT run's model with its adapter trainable, and the device it is on."""
+    from peft import PeftModel
+
+    from taskling.model.loader import base_path, default_device, load_model
+
+    device = default_device()
+    base = load_model(base_path(manifest), torch.float32, device)
+    return PeftModel.from_pretrained(base, str(RunDir(run_dir).adapter), is_trainable=True), device
+
+
+def _dpo_steps(
+    model: Any,
+    logps: Any,
+    ref: list[tuple[float, float]],
+    total: int,
+    batch_size: int,
+    beta: float,
+    lr: float,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """`total` optimizer steps of DPO; the history of loss and reward accuracy per step."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    device = next(iter(trainable)).device
+    history: list[dict[str, Any]] = []
+    with stop_signals() as request:
+        while len(history) < total:
+            order = list(range(len(ref)))
+            random.Random(seed * 7919 + len(history)).shuffle(order)
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                ref_c = torch.tensor([ref[i][0] for i in idx], device=device)
+                ref_r = torch.tensor([ref[i][1] for i in idx], device=device)
+                loss, margin = dpo_loss(logps(idx, 1), logps(idx, 2), ref_c, ref_r, beta)
+                loss.backward()
+                apply_gradients(trainable, optimizer, None, 1.0)
+                history.append(
+                    {
+                        "step": len(history) + 1,
+                        "loss": loss.item(),
+                        "reward_accuracy": float((margin > 0).float().mean()),
+                    }
+                )
+                log.info("dpo step %d/%d: loss %.4f", len(history), total, history[-1]["loss"])
+                if request.requested:
+                    raise TrainingInterrupted(
+                        f"DPO stopped by {request.signal_name} at step {len(history)} of {total}; "
+                        "nothing was written and the SFT run is untouched",
+                        fix="run the same command again (DPO starts over)",
+                    )
+                if len(history) >= total:
+                    break
+    return history
+
+
 def dpo(
     run_dir: str | Path,
     pairs_path: str | Path,
@@ -217,32 +278,22 @@ def dpo(
     seed: int = 0,
 ) -> DPOResult:
     """Refine the run's adapter on preference pairs; writes a new run directory (default RUN_DIR-dpo)."""
-    from peft import PeftModel
-
-    from taskling.model.loader import default_device, load_model
-    from taskling.serve.classifier import base_path
-
     run_dir, pairs_path = Path(run_dir), Path(pairs_path)
     kind = run_kind(run_dir)
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = read_json(RunDir(run_dir).manifest)
     pairs = _read_pairs(pairs_path)
     rows = _tokenize_pairs(run_dir, kind, pairs, pairs_path)
     out = Path(out_dir) if out_dir else run_dir.with_name(run_dir.name + "-dpo")
     if out.resolve() == run_dir.resolve():
         raise RunError("the DPO run directory must differ from the SFT run", fix="pass --out NEW_DIR")
 
-    random.seed(seed)
-    torch.manual_seed(seed)
-    device = default_device()
-    base = load_model(base_path(manifest), torch.float32, device)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"), is_trainable=True)
+    set_seed(seed)
+    model, device = _load_policy(run_dir, manifest)
     base_model = model.get_base_model()
     pad_id: int = getattr(base_model.config, "pad_token_id", None) or 0
 
     def logps(idx: Sequence[int], which: int) -> torch.Tensor:
-        batch = collate([(rows[i][0] + rows[i][which], [-100] * len(rows[i][0]) + rows[i][which]) for i in idx],
-                        pad_id, device)  # fmt: skip
-        return sequence_logps(base_model, batch)
+        return sequence_logps(base_model, _pair_batch(rows, idx, which, pad_id, device))
 
     # The reference policy is the SFT model: this very adapter before any DPO step. It never
     # changes, so its log-probabilities are computed once. (The adapter disabled would be the
@@ -250,52 +301,22 @@ def dpo(
     model.eval()  # no dropout, so policy and reference agree exactly before the first step
     with torch.no_grad():
         ref = [(float(logps([i], 1)[0]), float(logps([i], 2)[0])) for i in range(len(rows))]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
-    per_epoch = math.ceil(len(rows) / batch_size)
-    total = max_steps or max(1, math.ceil(per_epoch * epochs))
-    history: list[dict[str, Any]] = []
-    step = 0
-    while step < total:
-        order = list(range(len(rows)))
-        random.Random(seed * 7919 + step).shuffle(order)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ref_c = torch.tensor([ref[i][0] for i in idx], device=device)
-            ref_r = torch.tensor([ref[i][1] for i in idx], device=device)
-            loss, margin = dpo_loss(logps(idx, 1), logps(idx, 2), ref_c, ref_r, beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            step += 1
-            record = {"step": step, "loss": loss.item(), "reward_accuracy": float((margin > 0).float().mean())}
-            history.append(record)
-            log.info("dpo step %d/%d: loss %.4f", step, total, record["loss"])
-            if step >= total:
-                break
+    total = max_steps or max(1, math.ceil(math.ceil(len(rows) / batch_size) * epochs))
+    history = _dpo_steps(model, logps, ref, total, batch_size, beta, learning_rate, seed)
     with torch.no_grad():
         after = [float(logps([i], 1)[0] - logps([i], 2)[0]) - (ref[i][0] - ref[i][1]) for i in range(len(rows))]
     _write_run(run_dir, out, model, manifest, pairs_path, len(rows), history, beta, learning_rate)
     result = DPOResult(
         run_dir=out,
         pairs=len(rows),
-        steps=step,
+        steps=len(history),
         first_loss=history[0]["loss"],
         last_loss=history[-1]["loss"],
         reward_accuracy=sum(a > 0 for a in after) / len(after),
     )
-    write_text(
-        out / "dpo.json",
-        json.dumps(
-            {
-                **{k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()},
-                "beta": beta,
-                "learning_rate": learning_rate,
-                "parent": str(run_dir),
-            },
-            indent=2,
-        ),
+    summary = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
+    write_json(
+        RunDir(out).dpo_summary, {**summary, "beta": beta, "learning_rate": learning_rate, "parent": str(run_dir)}
     )
     return result
 
@@ -311,72 +332,16 @@ def _write_run(
     beta: float,
     learning_rate: float,
 ) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer", "data"):
-        if (parent / name).is_dir():
-            shutil.copytree(parent / name, out / name, dirs_exist_ok=True)
-    if (parent / "config.yaml").is_file():
-        shutil.copy2(parent / "config.yaml", out / "config.yaml")
-    shutil.copy2(pairs_path, out / "pairs.jsonl") if pairs_path.resolve() != (out / "pairs.jsonl").resolve() else None
-    _save_adapter(out, model)
+    src, dst = RunDir(parent), RunDir(out)
+    dst.root.mkdir(parents=True, exist_ok=True)
+    for folder in ("tokenizer", "data"):
+        if getattr(src, folder).is_dir():
+            shutil.copytree(getattr(src, folder), getattr(dst, folder), dirs_exist_ok=True)
+    if src.config.is_file():
+        shutil.copy2(src.config, dst.config)
+    if pairs_path.resolve() != dst.pairs.resolve():
+        shutil.copy2(pairs_path, dst.pairs)
+    save_adapter(out, model)
     manifest = {**manifest, "dpo": {"parent": str(parent), "pairs": n_pairs, "beta": beta, "lr": learning_rate}}
-    write_text(out / "run.json", json.dumps(manifest, indent=2))
-    write_jsonl(out / "history.jsonl", history)
-
-
-# ---------------------------------------------------------------- did it help?
-
-
-def compare(sft_run: str | Path, dpo_run: str | Path, gold: str | Path) -> dict[str, Any]:
-    """Score both runs on `gold`; per-category (per-field) change and the gate's verdict."""
-    from taskling.evaluate.gate import gate, load_predictions, write_verdict
-
-    sft_run, dpo_run = Path(sft_run), Path(dpo_run)
-    kind = run_kind(dpo_run)
-    sft_out = dpo_run / "compare" / "sft"
-    if kind == "classification":
-        from taskling.evaluate.metrics import evaluate
-
-        before = evaluate(sft_run, gold, out_dir=sft_out).metrics.to_dict()
-        after = evaluate(dpo_run, gold).metrics.to_dict()
-        labels = before["confusion_labels"][:-1]
-        verdict = gate(load_predictions(dpo_run), load_predictions(sft_out, labels=labels, name=sft_run.name))
-        verdicts = {"label": verdict}
-    else:
-        from taskling.evaluate.extraction import evaluate_extraction
-
-        before = evaluate_extraction(sft_run, gold, out_dir=sft_out).metrics
-        after = evaluate_extraction(dpo_run, gold).metrics
-        verdicts = {
-            name: gate(
-                load_predictions(dpo_run / "fields" / name, name=f"{dpo_run.name}:{name}"),
-                load_predictions(sft_out / "fields" / name, name=f"{sft_run.name}:{name}"),
-            )
-            for name in sorted(p.name for p in (dpo_run / "fields").iterdir())
-        }
-    for name, verdict in verdicts.items():
-        write_verdict(verdict, dpo_run / ("gate.json" if name == "label" else f"fields/{name}/gate.json"))
-    per = {
-        key: {
-            "before": before["per_category"][key]["accuracy"],
-            "after": after["per_category"][key]["accuracy"],
-            "delta": after["per_category"][key]["accuracy"] - before["per_category"][key]["accuracy"],
-            "support": before["per_category"][key]["support"],
-        }
-        for key in before["per_category"]
-    }
-    report = {
-        "kind": kind,
-        "gold_file": str(gold),
-        "accuracy_before": before["accuracy"],
-        "accuracy_after": after["accuracy"],
-        "per_category": per,
-        "helped": [k for k, v in per.items() if v["delta"] > 0],
-        "hurt": [k for k, v in per.items() if v["delta"] < 0],
-        "gate": {
-            name: {"passed": v.passed, "assessment": v.assessment, "p_value": v.p_value} for name, v in verdicts.items()
-        },
-        "gate_passed": all(v.passed for v in verdicts.values()),
-    }
-    write_text(dpo_run / "dpo_report.json", json.dumps(report, indent=2))
-    return report
+    write_json(dst.manifest, manifest)
+    write_jsonl(dst.history, history)

@@ -1,28 +1,19 @@
-"""LoRA fine-tuning for extraction and multi-output tasks, on `taskling.train.sft`'s building blocks.
+"""LoRA fine-tuning for extraction and multi-output tasks: `train_extraction(config)`.
 
-The loop is `train.train`'s, minus resumable checkpoints: the same length-bucketed batches
-(`batches`), padding (`collate`), answer-only loss computed on the answer positions only
-(`answer_loss`), validation loss (`validation_loss`) and best-adapter saving. Only the
-answer differs: the record rendered as JSON and tokenized segment by segment
-(`extract.RecordFormat.answer_ids`), exactly as the constrained decoder emits it.
+The loop is SFT's (`loop.py`): the same length-bucketed batches, answer-only loss computed
+on the answer positions only, validation loss, best-adapter saving and early stopping. Only
+the answer differs: the record rendered as JSON and tokenized segment by segment
+(`extract.RecordFormat.answer_ids`), exactly as the constrained decoder emits it. Unlike
+`train`, it keeps no resumable checkpoint and always starts over in its folder.
 
-Run directory layout (a superset-compatible sibling of a classification run):
-
-    RUN_DIR/config.yaml              the resolved extraction config
-    RUN_DIR/data/train.jsonl         rows trained on, {"text", "record"} (+ validation.jsonl, bad_rows.jsonl)
-    RUN_DIR/adapter/                 the best LoRA adapter
-    RUN_DIR/tokenizer/               the tokenizer, with the chat template used
-    RUN_DIR/history.jsonl            train loss per step, validation loss per evaluation
-    RUN_DIR/run.json                 manifest: kind "extraction", task (fields), base model, data hashes, versions
+The run folder is a sibling of a classification run's (`taskling.rundir.RunDir`): config,
+data (rows as {"text", "record"}), tokenizer, adapter, history and a manifest whose kind is
+"extraction" and which records the task's fields and JSON schema.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,10 +30,20 @@ from taskling.extract.schema import (
     split_records,
     write_records,
 )
-from taskling.io import write_jsonl, write_text
-from taskling.model.loader import default_device, load_model, load_tokenizer, pick_dtype, resolve_base
-from taskling.train.sft import ProgressFn, TrainResult, _save_adapter, _set_seed, answer_loss, batches, collate
-from taskling.train.sft import validation_loss as _validation_loss
+from taskling.io import write_json, write_jsonl, write_text
+from taskling.model.loader import load_model, load_tokenizer, pick_dtype, resolve_base
+from taskling.rundir import EXTRACTION, RunDir
+from taskling.train.checkpoint import TrainState
+from taskling.train.loop import (
+    ProgressFn,
+    TrainResult,
+    build_loop,
+    lora_model,
+    new_accelerator,
+    set_seed,
+    train_loop,
+)
+from taskling.train.resume import clear_run
 from taskling.version import __version__
 
 log = logging.getLogger(__name__)
@@ -68,119 +69,41 @@ def prepare_records(config: ExtractionConfig) -> tuple[list[RecordExample], list
 
 
 def train_extraction(config: ExtractionConfig, *, progress: ProgressFn | None = None) -> TrainResult:
-    """Train a LoRA adapter that writes the task's records; returns where the run is and how it went."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import get_scheduler
+    """Train a LoRA adapter that writes the task's records; returns where the run is and how it went.
 
-    settings = config.train
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    Always starts over: the old run's files in `run_dir` are removed first. Ctrl-C or
+    SIGTERM stops after the current step and raises `TrainingInterrupted`.
+    """
+    settings, run = config.train, RunDir(config.run_dir)
+    accelerator = new_accelerator()
+    main = accelerator.is_main_process
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    _set_seed(settings.seed)
+    set_seed(settings.seed)
 
-    train_rows_ex, val_ex, loaded = prepare_records(config)
-    write_records(run_dir / "data" / "train.jsonl", train_rows_ex)
-    write_records(run_dir / "data" / "validation.jsonl", val_ex)
-    write_jsonl(run_dir / "data" / "bad_rows.jsonl", bad_rows_report(loaded.bad_rows))
-    write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-
-    device = default_device()
+    train_ex, val_ex, loaded = prepare_records(config)
     base_path = resolve_base(config.model.base, config.model.gguf_file, config.model.chat_template)
     tokenizer = load_tokenizer(base_path, config.model.chat_template)
     fmt = RecordFormat(tokenizer, config.task, config.model.max_length)
-    train_rows = [fmt.training_ids(ex.text, ex.record) for ex in train_rows_ex]
+    if main:
+        clear_run(run.root)
+        write_records(run.train_data, train_ex)
+        write_records(run.validation_data, val_ex)
+        write_jsonl(run.bad_rows, bad_rows_report(loaded.bad_rows))
+        write_text(run.config, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        tokenizer.save_pretrained(run.tokenizer)
+        write_json(run.manifest, run_manifest(config, base_path, fmt, train_ex, val_ex, loaded))
+    accelerator.wait_for_everyone()
+
+    model = lora_model(load_model(base_path, pick_dtype(config.model.dtype), accelerator.device), config.lora)
+    train_rows = [fmt.training_ids(ex.text, ex.record) for ex in train_ex]
     val_rows = [fmt.training_ids(ex.text, ex.record) for ex in val_ex]
-    tokenizer.save_pretrained(run_dir / "tokenizer")
-    write_text(
-        run_dir / "run.json", json.dumps(_manifest(config, base_path, fmt, train_rows_ex, val_ex, loaded), indent=2)
-    )
-
-    model = get_peft_model(
-        load_model(base_path, pick_dtype(config.model.dtype), device),
-        LoraConfig(
-            r=config.lora.r,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules,
-            task_type="CAUSAL_LM",
-        ),
-    )
-    model.train()
-    base_model = model.get_base_model()
-    micro_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / settings.gradient_accumulation)
-    total_steps = settings.max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    scheduler = get_scheduler(
-        settings.schedule, optimizer, int(settings.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
-    eval_every = settings.eval_every or steps_per_epoch
     pad_id = tokenizer.pad_token_id
-    best: float | None = None
-    best_step, bad_evals, step, pending, running, tokens = 0, 0, 0, 0, 0.0, 0
-    stopped_early = False
-    started = time.perf_counter()
-    with (run_dir / "history.jsonl").open("w") as history:
-        epoch = 0
-        while step < total_steps and not stopped_early:
-            for idx in batches(train_rows, settings.batch_size, settings.seed, epoch):
-                batch = collate([train_rows[i] for i in idx], pad_id, device)
-                loss, _ = answer_loss(base_model, batch)
-                (loss / settings.gradient_accumulation).backward()
-                running += loss.item() / settings.gradient_accumulation
-                tokens += int(batch["attention_mask"].sum())
-                pending += 1
-                if pending < settings.gradient_accumulation:
-                    continue
-                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step, pending = step + 1, 0
-                history.write(json.dumps({"step": step, "epoch": epoch, "train_loss": running}) + "\n")
-                if progress is not None:
-                    rate = tokens / max(time.perf_counter() - started, 1e-9)
-                    progress(step, total_steps, {"loss": running, "tokens_per_s": rate})
-                running = 0.0
-                if step % eval_every == 0 or step == total_steps:
-                    if not val_rows:
-                        _save_adapter(run_dir, model)
-                    else:
-                        val = _validation_loss(base_model, val_rows, settings.batch_size * 2, pad_id, device)
-                        improved = best is None or val < best - settings.min_delta
-                        if improved:
-                            best, best_step, bad_evals = val, step, 0
-                            _save_adapter(run_dir, model)
-                        else:
-                            bad_evals += 1
-                        history.write(json.dumps({"step": step, "val_loss": val, "best": improved}) + "\n")
-                        log.info("step %d: validation loss %.4f%s", step, val, " (best)" if improved else "")
-                        stopped_early = settings.patience > 0 and bad_evals >= settings.patience
-                if step >= total_steps or stopped_early:
-                    break
-            epoch += 1
-    if not (run_dir / "adapter").exists():
-        _save_adapter(run_dir, model)
-    elapsed = time.perf_counter() - started
-    result = TrainResult(
-        run_dir=run_dir,
-        best_val_loss=best,
-        best_step=best_step,
-        steps=step,
-        stopped_early=stopped_early,
-        tokens_per_second=tokens / max(elapsed, 1e-9),
-        train_rows=len(train_rows),
-        validation_rows=len(val_rows),
-        skipped_rows=len(loaded.bad_rows),
-    )
-    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
-    write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2))
-    return result
+    loop = build_loop(settings, model, run.root, train_rows, val_rows, pad_id, accelerator, checkpoints=False)
+    return train_loop(loop, TrainState(), skipped_rows=len(loaded.bad_rows), progress=progress)
 
 
-def _manifest(
+def run_manifest(
     config: ExtractionConfig,
     base_path: str,
     fmt: RecordFormat,
@@ -188,11 +111,12 @@ def _manifest(
     validation: list[RecordExample],
     loaded: Any,
 ) -> dict[str, Any]:
+    """run.json of an extraction run: kind, fields, JSON schema, base model, data hashes, versions."""
     import peft
     import transformers
 
     return {
-        "kind": "extraction",
+        "kind": EXTRACTION,
         "taskling_version": __version__,
         "task": config.task.model_dump(mode="json"),
         "json_schema": config.task.json_schema(),

@@ -6,7 +6,8 @@ confidences, exact duplicates (case/punctuation variants), near-duplicates (a sm
 edit), conflicting labels for the same text, flipped labels, and gold rows (exact and
 near copies) smuggled into the logs. `truth` holds the counts a cleaner must find.
 
-Used by tests/test_clean.py (on the clinc8 fixtures) and bench/ scripts (on CLINC150).
+Used by bench/clean_gain.py and bench/data.py (on CLINC150, or the clinc8 fixtures with --smoke)
+and by tests/test_clean.py.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskling.data.clean import CleanConfig, duplicate_clusters, jaccard, normalize, shingles
+from taskling.data.clean import CleanConfig
+from taskling.data.dedupe import duplicate_clusters, find_leaks, jaccard, normalize, shingles
 from taskling.data.load import Example
-from taskling.data.split import find_leaks
 
 INVENTED = ("other", "book_hotel", "account_balance_inquiry")
 EDITS = (

@@ -1,0 +1,171 @@
+"""The batching engine behind the server: a bounded queue, one worker thread, the prediction log.
+
+Requests go into a bounded queue; one worker thread takes up to `max_batch` texts (or what
+arrives within `max_wait_ms` of the first), classifies them in one batch per adapter, and
+hands the rows to the prediction log. A request's future resolves with an `Outcome` whose
+`logged` future resolves once its rows are committed. A full queue raises `Overloaded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from taskling.serve.classifier import Classifier, Prediction, set_threads
+from taskling.serve.predlog import LogRow, PredictionLog
+from taskling.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    adapter: str
+    texts: list[str]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Outcome:
+    predictions: list[Prediction]
+    version: str
+    latency_ms: float
+    logged: Future[int]
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (one per server)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "taskling_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+        )
+        self.predictions = Counter(
+            "taskling_predictions", "Predictions by adapter and label", ["adapter", "label"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "taskling_request_latency_seconds",
+            "Queue + inference time per request",
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.batch = Histogram(
+            "taskling_batch_texts",
+            "Texts per worker batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.queue = Gauge("taskling_queue_depth", "Requests waiting", registry=self.registry)
+        self.rejected = Counter("taskling_rejected", "Requests refused", ["reason"], registry=self.registry)
+
+
+class Engine:
+    """The bounded queue, the batching worker thread and the prediction log."""
+
+    def __init__(self, classifiers: dict[str, Classifier], plog: PredictionLog, settings: ServeSettings) -> None:
+        self.classifiers = classifiers
+        self.plog = plog
+        self.settings = settings
+        self.metrics = Metrics()
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queue)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="taskling-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.plog.close()
+
+    def submit(self, adapter: str, texts: list[str]) -> Job:
+        job = Job(adapter, texts, asyncio.get_running_loop().create_future(), asyncio.get_running_loop())
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded from None
+        self.metrics.queue.set(self.queue.qsize())
+        return job
+
+    def _take_batch(self) -> list[Job]:
+        try:
+            first = self.queue.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        jobs, n = [first], len(first.texts)
+        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
+        while n < self.settings.max_batch:
+            try:
+                job = self.queue.get(timeout=max(deadline - time.perf_counter(), 0.0))
+            except queue.Empty:
+                break
+            jobs.append(job)
+            n += len(job.texts)
+        return jobs
+
+    def _work(self) -> None:
+        set_threads(self.settings.threads)  # OpenMP thread counts are per calling thread
+        while not self._stop.is_set():
+            jobs = self._take_batch()
+            self.metrics.queue.set(self.queue.qsize())
+            by_adapter: dict[str, list[Job]] = {}
+            for job in jobs:
+                by_adapter.setdefault(job.adapter, []).append(job)
+            for adapter, group in by_adapter.items():
+                try:
+                    self._run(adapter, group)
+                except Exception as err:  # answer 500 rather than leave requests hanging
+                    log.exception("batch for adapter %s failed", adapter)
+                    for job in group:
+                        job.loop.call_soon_threadsafe(settle, job.future, None, err)
+
+    def _run(self, adapter: str, jobs: list[Job]) -> None:
+        clf = self.classifiers[adapter]
+        texts = [t for job in jobs for t in job.texts]
+        self.metrics.batch.observe(len(texts))
+        preds = clf.predict(texts, batch_size=self.settings.max_batch)
+        done = time.perf_counter()
+        start = 0
+        for job in jobs:
+            mine = preds[start : start + len(job.texts)]
+            start += len(job.texts)
+            latency_ms = (done - job.enqueued) * 1000
+            rows = [
+                LogRow(
+                    job.request_id, adapter, clf.version, p.text, p.label, p.probability, p.probabilities, latency_ms
+                )
+                for p in mine
+            ]
+            for p in mine:
+                self.metrics.predictions.labels(adapter, p.label).inc()
+            self.metrics.latency.observe(latency_ms / 1000)
+            outcome = Outcome(mine, clf.version, latency_ms, self.plog.submit(rows))
+            job.loop.call_soon_threadsafe(settle, job.future, outcome, None)
+
+
+def settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # the client went away; its prediction is still logged
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

@@ -1,0 +1,418 @@
+"""The training loop, shared by SFT (`sft.train`) and extraction (`extraction.train_extraction`).
+
+Read it top to bottom: `build_loop` sets up the LoRA model, optimizer and schedule;
+`start_state` loads a checkpoint or starts at step 0; `train_loop` runs `train_step` (one
+optimizer step over `gradient_accumulation` micro-batches) and `evaluate_and_checkpoint`
+(validation loss, best adapter, early stopping, resumable checkpoint) until the last step.
+DPO (`dpo.py`) has its own objective and batches but uses the same pieces: `set_seed`,
+`apply_gradients`, `stop_signals`, `save_adapter`.
+
+Under `accelerate launch` / torchrun (DDP) every process runs this loop on its share of each
+global batch; the main process writes every file, and all processes make the same decisions
+(validation loss is computed in full on each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import torch
+
+from taskling.config import LoraSettings, TrainSettings
+from taskling.errors import ConfigError, DataError, TasklingError
+from taskling.io import iter_jsonl, write_json, write_jsonl
+from taskling.rundir import RunDir
+from taskling.train.checkpoint import (
+    TrainState,
+    has_checkpoint,
+    load_checkpoint,
+    recover_swaps,
+    save_adapter,
+    save_checkpoint,
+)
+from taskling.train.loss import AnswerLoss, Row, batches, collate, validation_loss
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+class TrainingInterrupted(TasklingError):
+    """Training was stopped by Ctrl-C (SIGINT) or SIGTERM; the message says what was saved."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_val_loss: float | None
+    best_step: int
+    steps: int
+    stopped_early: bool
+    tokens_per_second: float
+    train_rows: int
+    validation_rows: int
+    skipped_rows: int
+    interrupted: bool = False
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_accelerator() -> Any:
+    """One process, or one of several under `accelerate launch` / torchrun."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def lora_model(base: Any, lora: LoraSettings) -> Any:
+    """`base` with a fresh LoRA adapter on `lora.target_modules`, in training mode."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, config)
+    model.train()
+    return model
+
+
+def apply_gradients(trainable: list[torch.nn.Parameter], optimizer: Any, scheduler: Any, max_norm: float) -> None:
+    """Clip, step the optimizer (and the schedule, if any), clear the gradients."""
+    torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+
+@dataclass
+class StopRequest:
+    """Set by the first SIGINT/SIGTERM: the loop finishes its step, saves, and stops."""
+
+    signal_name: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[StopRequest]:
+    """Turn the first SIGINT/SIGTERM into a `StopRequest`; a second one stops at once.
+
+    The previous handlers are put back on exit. Off the main thread (where Python cannot set
+    handlers) nothing is installed and the request is never set.
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if request.requested:
+            raise KeyboardInterrupt
+        request.signal_name = signal.Signals(signum).name
+        log.warning("%s: stopping after this step; press Ctrl-C again to stop at once", request.signal_name)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclass
+class Loop:
+    """Everything the loop needs, built once by `build_loop`."""
+
+    settings: TrainSettings
+    run: RunDir
+    model: Any  # the peft model
+    objective: Any  # AnswerLoss, wrapped for DDP: (loss summed over answer tokens, token count)
+    optimizer: Any
+    scheduler: Any
+    trainable: list[torch.nn.Parameter]
+    accelerator: Any
+    train_rows: list[Row]
+    val_rows: list[Row]
+    pad_id: int
+    total_steps: int
+    micro_per_epoch: int
+    eval_every: int
+    checkpoints: bool  # False for extract-train, which always starts over
+    history: IO[str] | None = None
+    _epoch_batches: tuple[int, list[list[int]]] = field(default=(-1, []))
+
+    main = property(lambda self: bool(self.accelerator.is_main_process))
+    world = property(lambda self: int(self.accelerator.num_processes))
+    rank = property(lambda self: int(self.accelerator.process_index))
+    device = property(lambda self: self.accelerator.device)
+
+    def batch_indices(self, epoch: int, position: int) -> list[int]:
+        if self._epoch_batches[0] != epoch:
+            self._epoch_batches = (epoch, batches(self.train_rows, self.settings.batch_size, self.settings.seed, epoch))
+        return self._epoch_batches[1][position]
+
+    def micro_batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        """This process's share of a global batch. A process left without rows still runs
+        a forward pass (DDP needs every process in every step), on a row whose targets are masked."""
+        mine = idx[self.rank :: self.world]
+        if mine:
+            return collate([self.train_rows[i] for i in mine], self.pad_id, self.device)
+        ids, _ = self.train_rows[idx[0]]
+        return collate([(ids, [-100] * len(ids))], self.pad_id, self.device)
+
+
+def build_loop(
+    settings: TrainSettings,
+    model: Any,
+    run_dir: str | Path,
+    train_rows: list[Row],
+    val_rows: list[Row],
+    pad_id: int,
+    accelerator: Any,
+    *,
+    checkpoints: bool = True,
+) -> Loop:
+    """The optimizer (AdamW), the schedule and the step counts for training `model` on `train_rows`."""
+    from transformers import get_scheduler
+
+    if settings.batch_size < accelerator.num_processes:
+        raise ConfigError(
+            f"train.batch_size={settings.batch_size} is the global batch: "
+            f"it must be >= {accelerator.num_processes} processes"
+        )
+    micro_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / settings.gradient_accumulation)
+    total_steps = settings.max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    scheduler = get_scheduler(
+        settings.schedule,
+        optimizer,
+        num_warmup_steps=int(settings.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    return Loop(
+        settings=settings,
+        run=RunDir(run_dir),
+        model=model,
+        objective=accelerator.prepare_model(AnswerLoss(model)),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainable=trainable,
+        accelerator=accelerator,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        pad_id=pad_id,
+        total_steps=total_steps,
+        micro_per_epoch=micro_per_epoch,
+        eval_every=settings.eval_every or steps_per_epoch,
+        checkpoints=checkpoints,
+    )
+
+
+def iter_history(run_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """The records of RUN_DIR/history.jsonl; a last line cut short by a crash is skipped."""
+    path = RunDir(run_dir).history
+    if not path.exists():
+        return
+    last = len(path.read_bytes().rstrip(b"\n").split(b"\n"))
+    try:
+        for _, record in iter_jsonl(path):
+            yield record
+    except DataError as err:
+        if err.line != last:
+            raise
+        log.warning("%s: skipping a truncated last line", path)
+
+
+def start_state(loop: Loop, resume: bool) -> TrainState:
+    """The checkpoint's state when resuming from one, else step 0.
+
+    The history is cut back to the checkpoint: the steps after it are about to be redone.
+    """
+    if loop.main:
+        recover_swaps(loop.run.root)
+    loop.accelerator.wait_for_everyone()
+    state = TrainState()
+    if resume and loop.checkpoints and has_checkpoint(loop.run.root):
+        state = load_checkpoint(loop.run.root, loop.model, loop.optimizer, loop.scheduler, loop.micro_per_epoch)
+        log.info("resuming %s from step %d", loop.run.root, state.step)
+        if loop.main:
+            write_jsonl(loop.run.history, [r for r in iter_history(loop.run.root) if r["step"] <= state.step])
+    loop.accelerator.wait_for_everyone()
+    return state
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def log_history(loop: Loop, record: dict[str, Any]) -> None:
+    # history.jsonl is an append-only log (rewriting it atomically every step would be
+    # quadratic); a line torn by a crash is the last one, which `iter_history` skips.
+    if loop.history is not None:
+        loop.history.write(json.dumps(record) + "\n")
+        loop.history.flush()
+
+
+def train_step(loop: Loop, state: TrainState) -> float:
+    """One optimizer step over `gradient_accumulation` micro-batches; advances `state`, returns the loss."""
+    settings, acc, world = loop.settings, loop.accelerator, loop.world
+    running = 0.0
+    for _ in range(settings.gradient_accumulation):
+        epoch = state.epoch
+        batch = loop.micro_batch(loop.batch_indices(state.epoch, state.position))
+        loss_sum, count = loop.objective(**batch)
+        total = float(acc.reduce(count.detach().clone(), "sum") if world > 1 else count)
+        # Normalised by the answer tokens of all processes; DDP averages gradients over
+        # processes, hence the factor `world`.
+        acc.backward(loss_sum * (world / max(total, 1.0) / settings.gradient_accumulation))
+        batch_loss = loss_sum.detach() / max(total, 1.0)
+        running += float(acc.reduce(batch_loss, "sum") if world > 1 else batch_loss)
+        state.tokens_seen += int(batch["attention_mask"].sum()) * world
+        state.position += 1
+        if state.position == loop.micro_per_epoch:
+            state.epoch, state.position = state.epoch + 1, 0
+    apply_gradients(loop.trainable, loop.optimizer, loop.scheduler, settings.max_grad_norm)
+    state.step += 1
+    loss = running / settings.gradient_accumulation
+    log_history(loop, {"step": state.step, "epoch": epoch, "train_loss": loss, "lr": loop.scheduler.get_last_lr()[0]})
+    return loss
+
+
+def evaluate(loop: Loop, state: TrainState) -> None:
+    """Validation loss; save the adapter when it improves; decide whether to stop early."""
+    if not loop.val_rows:
+        if loop.main:
+            save_adapter(loop.run.root, loop.model)
+        return
+    settings = loop.settings
+    base_model = loop.model.get_base_model()
+    loss = validation_loss(base_model, loop.val_rows, settings.batch_size * 2, loop.pad_id, loop.device)
+    improved = state.best_val_loss is None or loss < state.best_val_loss - settings.min_delta
+    if improved:
+        state.best_val_loss, state.best_step, state.bad_evals = loss, state.step, 0
+        if loop.main:
+            save_adapter(loop.run.root, loop.model)
+    else:
+        state.bad_evals += 1
+    log_history(loop, {"step": state.step, "val_loss": loss, "best": improved})
+    log.info("step %d: validation loss %.4f%s", state.step, loss, " (best)" if improved else "")
+    state.stopped_early = settings.patience > 0 and state.bad_evals >= settings.patience
+
+
+def evaluate_and_checkpoint(loop: Loop, state: TrainState, *, force_checkpoint: bool = False) -> None:
+    """Evaluate when due (every `eval_every` steps and at the last); checkpoint when due or forced."""
+    every = loop.settings.checkpoint_every
+    due = bool(every) and state.step % every == 0
+    if state.step % loop.eval_every == 0 or state.step == loop.total_steps:
+        evaluate(loop, state)
+        due = True
+    if (due or force_checkpoint) and loop.checkpoints and loop.main:
+        save_checkpoint(loop.run.root, loop.model, loop.optimizer, loop.scheduler, state)
+
+
+def all_agree_to_stop(loop: Loop, request: StopRequest) -> bool:
+    """True when any process was signalled: all processes must stop at the same step."""
+    if loop.world == 1:
+        return request.requested
+    flag = torch.tensor([1.0 if request.requested else 0.0], device=loop.device)
+    return bool(loop.accelerator.reduce(flag, "sum").item() > 0)
+
+
+def interrupted_error(loop: Loop, state: TrainState, request: StopRequest) -> TrainingInterrupted:
+    what = request.signal_name or "a signal"
+    where = f"training stopped by {what} at step {state.step} of {loop.total_steps}"
+    if loop.checkpoints:
+        return TrainingInterrupted(
+            f"{where}; all {state.step} steps are saved in {loop.run.checkpoint}",
+            fix=f"run the same command again to resume from step {state.step}; --fresh to start over",
+        )
+    return TrainingInterrupted(
+        f"{where}; this command does not resume (best adapter so far: {loop.run.adapter})",
+        fix="run the same command again to start over",
+    )
+
+
+def run_steps(loop: Loop, state: TrainState, progress: ProgressFn | None, stop_after_steps: int | None) -> bool:
+    """Step until the last step or early stopping; True when `stop_after_steps` paused the run."""
+    started, tokens_before = time.perf_counter(), state.tokens_seen
+    with stop_signals() as request:
+        while state.step < loop.total_steps and not state.stopped_early:
+            loss = train_step(loop, state)
+            if progress is not None and loop.main:
+                rate = (state.tokens_seen - tokens_before) / max(time.perf_counter() - started, 1e-9)
+                progress(state.step, loop.total_steps, {"loss": loss, "tokens_per_s": rate})
+            pause = stop_after_steps is not None and state.step >= stop_after_steps
+            signalled = all_agree_to_stop(loop, request)
+            evaluate_and_checkpoint(loop, state, force_checkpoint=pause or signalled)
+            if signalled:
+                raise interrupted_error(loop, state, request)
+            if pause:
+                return True
+    return False
+
+
+def train_loop(
+    loop: Loop,
+    state: TrainState,
+    *,
+    skipped_rows: int,
+    progress: ProgressFn | None = None,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Run the loop from `state` to the end; save the adapter and RUN_DIR/train_summary.json."""
+    started, tokens_before = time.perf_counter(), state.tokens_seen
+    loop.history = loop.run.history.open("a", encoding="utf-8") if loop.main else None
+    try:
+        paused = run_steps(loop, state, progress, stop_after_steps)
+    finally:
+        if loop.history is not None:
+            loop.history.close()
+            loop.history = None
+    if loop.main and not paused and not loop.run.adapter.exists():
+        save_adapter(loop.run.root, loop.model)
+    loop.accelerator.wait_for_everyone()
+    result = TrainResult(
+        run_dir=loop.run.root,
+        best_val_loss=state.best_val_loss,
+        best_step=state.best_step,
+        steps=state.step,
+        stopped_early=state.stopped_early,
+        tokens_per_second=(state.tokens_seen - tokens_before) / max(time.perf_counter() - started, 1e-9),
+        train_rows=len(loop.train_rows),
+        validation_rows=len(loop.val_rows),
+        skipped_rows=skipped_rows,
+        interrupted=paused,
+    )
+    if loop.main:
+        write_json(loop.run.summary, {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()})
+    return result
