@@ -25,11 +25,11 @@ import numpy as np
 
 from common import bench_parser, clinc_dir
 from noisy_logs import load_pairs, make_noisy_logs
-from taskling.data.clean import CleanConfig, _fit_predict
+from taskling.data.clean import CleanConfig, fit_predict
 from taskling.data.dedupe import normalize
 from taskling.data.distill import DistillConfig, distill, read_logs
 from taskling.data.load import load_file
-from taskling.data.split import SplitConfig, _freeze_gold
+from taskling.data.split import SplitConfig, freeze_gold
 from taskling.task import Task
 
 
@@ -49,7 +49,7 @@ def accuracy(kind: str, train: list[tuple[str, str]], gold: list[tuple[str, str]
     else:
         x_train = np.stack([vectors[t] for t, _ in train])
         x_gold = np.stack([vectors[t] for t, _ in gold])
-    probs = _fit_predict(x_train, y, x_gold, len(classes), seed=0)
+    probs = fit_predict(x_train, y, x_gold, len(classes), seed=0)
     predicted = [classes[i] for i in probs.argmax(axis=1)]
     return float(np.mean([p == label for p, (_, label) in zip(predicted, gold, strict=True)]))
 
@@ -85,7 +85,7 @@ def main() -> None:
     )
     root = Path(tempfile.mkdtemp(prefix="clean-gain-"))
     (root / "gold").mkdir()
-    _freeze_gold(root / "gold", gold, SplitConfig(), CleanConfig())
+    freeze_gold(root / "gold", gold, SplitConfig(), CleanConfig())
     start = time.perf_counter()
     result = distill(
         [logs.write(root / "logs.jsonl")],

@@ -16,7 +16,7 @@ from taskling.config import build_config
 from taskling.data.clean import CleanConfig, category_status, clean_examples, duplicate_clusters, normalize
 from taskling.data.distill import DistillConfig, distill, parse_log_row, read_logs
 from taskling.data.load import Example, load_file
-from taskling.data.split import MANIFEST, SplitConfig, _freeze_gold, assert_no_leakage, find_leaks, split_dataset
+from taskling.data.split import MANIFEST, SplitConfig, assert_no_leakage, find_leaks, freeze_gold, split_dataset
 from taskling.errors import DataError
 from taskling.task import Task
 from taskling.train.sft import prepare_data
@@ -45,7 +45,7 @@ def distilled(tmp_path_factory: pytest.TempPathFactory, labels: list[str], gold:
     root = tmp_path_factory.mktemp("distill")
     logs = make_noisy_logs(load_pairs(FIXTURES / "clinc8_train.jsonl"), gold, labels, seed=0)
     (root / "gold").mkdir()
-    _freeze_gold(root / "gold", gold, SplitConfig(), CleanConfig())
+    freeze_gold(root / "gold", gold, SplitConfig(), CleanConfig())
     config = DistillConfig(min_confidence=0.7, gold_manifest=root / "gold" / MANIFEST)
     result = distill([logs.write(root / "logs.jsonl")], Task(labels=labels), root / "out", config)
     return {"logs": logs, "result": result, "out": root / "out"}

@@ -7,12 +7,11 @@ encoded as plain text, and must not open or close a turn of the prompt.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
-import torch
 
+from scoring import brute_force_probs
 from taskling.extract.extractor import RecordFormat
 from taskling.extract.schema import ExtractionTask
 from taskling.model.chat_templates import GEMMA3
@@ -57,19 +56,7 @@ def test_typed_control_tokens_are_plain_text_in_the_prompt(tiny_model_dir: Path,
 def test_classifier_scores_the_plain_text_sequence(trained_run: Path) -> None:
     clf = Classifier.from_run(trained_run, dtype="float32", device="cpu")
     prompt = chatml_prompt(clf.fmt.tokenizer, clf.task, ATTACK)
-    seqs = clf.fmt.label_sequences
-    expected = []
-    for seq in seqs:  # brute force: the label's constrained probability after the hand-built prompt
-        with torch.no_grad():
-            logits = clf.model(input_ids=torch.tensor([prompt + seq])).logits[0].float()
-        p = 1.0
-        for k, token in enumerate(seq):
-            allowed = sorted({s[k] for s in seqs if len(s) > k and s[:k] == seq[:k]})
-            row = logits[len(prompt) - 1 + k]
-            masked = torch.full_like(row, -math.inf)
-            masked[allowed] = row[allowed]
-            p *= torch.softmax(masked, dim=-1)[token].item()
-        expected.append(p)
+    expected = brute_force_probs(clf, prompt)  # the label's constrained probability after the hand-built prompt
     got = clf(ATTACK).probabilities
     assert [got[label] for label in clf.task.labels] == pytest.approx(expected, abs=1e-5)
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+import scoring
 from taskling.model.loader import ChatFormat, load_model, load_tokenizer
 from taskling.serve.classifier import Classifier, LabelTrie, load_adapters
 from taskling.task import Task
@@ -48,22 +49,7 @@ def uncached(trained_run: Path) -> Classifier:
 
 def brute_force_probs(clf: Classifier, text: str) -> list[float]:
     """Run prompt + each label's full answer separately; constrained-decoding probability per label."""
-    seqs = clf.fmt.label_sequences
-    prompt = clf.fmt.prompt_ids(text)
-    probs = []
-    for seq in seqs:
-        ids = torch.tensor([prompt + seq])
-        with torch.no_grad():
-            logits = clf.model(input_ids=ids).logits[0].float()
-        p = 1.0
-        for k, token in enumerate(seq):
-            allowed = sorted({s[k] for s in seqs if len(s) > k and s[:k] == seq[:k]})
-            row = logits[len(prompt) - 1 + k]
-            masked = torch.full_like(row, -math.inf)
-            masked[allowed] = row[allowed]
-            p *= torch.softmax(masked, dim=-1)[token].item()
-        probs.append(p)
-    return probs
+    return scoring.brute_force_probs(clf, clf.fmt.prompt_ids(text))
 
 
 def test_trie_scoring_equals_brute_force(clf: Classifier) -> None:

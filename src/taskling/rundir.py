@@ -38,6 +38,16 @@ EXTRACTION = "extraction"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+class _At:
+    """A read-only attribute of a RunDir: the path `parts` below the run's root."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    def __get__(self, run: RunDir, owner: type | None = None) -> Path:
+        return run.root.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths of one run directory. Creating one touches nothing on disk."""
@@ -47,42 +57,41 @@ class RunDir:
     def __init__(self, root: str | Path) -> None:
         object.__setattr__(self, "root", Path(root))
 
-    config = property(lambda self: self.root / "config.yaml")
-    manifest = property(lambda self: self.root / "run.json")
-    data = property(lambda self: self.root / "data")
-    train_data = property(lambda self: self.root / "data" / "train.jsonl")
-    validation_data = property(lambda self: self.root / "data" / "validation.jsonl")
-    bad_rows = property(lambda self: self.root / "data" / "bad_rows.jsonl")
-    tokenizer = property(lambda self: self.root / "tokenizer")
-    adapter = property(lambda self: self.root / "adapter")
-    adapter_weights = property(lambda self: self.root / "adapter" / ADAPTER_WEIGHTS)
-    checkpoint = property(lambda self: self.root / "checkpoint")
-    history = property(lambda self: self.root / "history.jsonl")
-    summary = property(lambda self: self.root / "train_summary.json")
-    metrics = property(lambda self: self.root / "metrics.json")
-    predictions = property(lambda self: self.root / "predictions.jsonl")
-    baseline = property(lambda self: self.root / "baseline.json")
-    gate = property(lambda self: self.root / "gate.json")
-    report = property(lambda self: self.root / "report.html")
-    abstain = property(lambda self: self.root / "abstain.json")
-    prediction_log = property(lambda self: self.root / "predictions.db")
-    monitor = property(lambda self: self.root / "monitor")
-    source = property(lambda self: self.root / "source")  # `taskling demo`'s data and config
-    exports = property(lambda self: self.root / "exports")
-    # Added with the evaluate/monitor split: the ladder, a rung's label set, per-field and
-    # per-gold-version scores, and the monitor's own files.
-    ladder = property(lambda self: self.root / "ladder.json")
-    labels = property(lambda self: self.root / "labels.json")
-    fields = property(lambda self: self.root / "fields")
-    evals = property(lambda self: self.root / "evals")
-    calibration = property(lambda self: self.root / "monitor" / "calibration.json")
-    drift_report = property(lambda self: self.root / "monitor" / "drift.json")
-    drift_page = property(lambda self: self.root / "monitor" / "drift.html")
-    # Added with the train/ split: DPO's pairs, summary, and its before/after comparison.
-    pairs = property(lambda self: self.root / "pairs.jsonl")
-    dpo_summary = property(lambda self: self.root / "dpo.json")
-    dpo_report = property(lambda self: self.root / "dpo_report.json")
-    comparison = property(lambda self: self.root / "compare")
+    config = _At("config.yaml")
+    manifest = _At("run.json")
+    data = _At("data")
+    train_data = _At("data", "train.jsonl")
+    validation_data = _At("data", "validation.jsonl")
+    bad_rows = _At("data", "bad_rows.jsonl")
+    tokenizer = _At("tokenizer")
+    adapter = _At("adapter")
+    adapter_weights = _At("adapter", ADAPTER_WEIGHTS)
+    checkpoint = _At("checkpoint")
+    history = _At("history.jsonl")
+    summary = _At("train_summary.json")
+    metrics = _At("metrics.json")
+    predictions = _At("predictions.jsonl")
+    baseline = _At("baseline.json")
+    gate = _At("gate.json")
+    report = _At("report.html")
+    abstain = _At("abstain.json")
+    prediction_log = _At("predictions.db")
+    monitor = _At("monitor")
+    source = _At("source")  # `taskling demo`'s data and config
+    exports = _At("exports")
+    # The ladder, a rung's label set, per-field and per-gold-version scores, the monitor's files.
+    ladder = _At("ladder.json")
+    labels = _At("labels.json")
+    fields = _At("fields")
+    evals = _At("evals")
+    calibration = _At("monitor", "calibration.json")
+    drift_report = _At("monitor", "drift.json")
+    drift_page = _At("monitor", "drift.html")
+    # DPO's pairs, summary, and its before/after comparison.
+    pairs = _At("pairs.jsonl")
+    dpo_summary = _At("dpo.json")
+    dpo_report = _At("dpo_report.json")
+    comparison = _At("compare")
 
     def gold_evals(self, version: str) -> Path:
         """`evals/gold-VERSION/`: the run scored on one gold version (metrics, predictions, gate)."""

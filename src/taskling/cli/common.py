@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -27,6 +28,17 @@ app = typer.Typer(help="Fine-tune small specialist models for narrow, high-volum
 console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+# Control characters (ESC starts a terminal escape sequence) are shown, never sent to the terminal.
+_VISIBLE = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c not in (9, 10)}
+
+
+def shown(value: Any) -> str:
+    """A user-derived value, safe in rich output: markup escaped, control characters and
+    unpaired surrogates made visible, so a label like `[/bold]` prints as itself."""
+    text = str(value).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return escape(text.translate(_VISIBLE))
 
 
 def setup_logging(verbose: bool) -> None:

@@ -6,26 +6,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from taskling.cli.common import (
     app,
     console,
     friendly_errors,
+    shown,
 )
 from taskling.errors import TasklingError
 from taskling.io import read_json, write_json
-
-# Control characters (ESC starts a terminal escape sequence) are shown, never sent to the terminal.
-_VISIBLE = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c not in (9, 10)}
-
-
-def shown(value: Any) -> str:
-    """A user-derived value, safe in rich output: markup escaped, control characters and
-    unpaired surrogates made visible, so a label like `[/bold]` prints as itself."""
-    text = str(value).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    return escape(text.translate(_VISIBLE))
 
 
 def _clean_config(settings: list[str] | None) -> Any:

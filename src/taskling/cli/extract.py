@@ -13,9 +13,9 @@ from taskling.cli.common import (
     console,
     friendly_errors,
     render_train_summary,
+    shown,
     training_progress,
 )
-from taskling.cli.data import shown
 
 
 def _render_extraction(metrics: dict[str, Any], title: str = "extraction") -> None:

@@ -27,7 +27,7 @@ from taskling.errors import DataError, TasklingError
 def train(
     config: Annotated[Path, typer.Argument(help="Project config YAML.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="Overrides like train.epochs=2.")] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over: remove the old run's files in run_dir instead of resuming.")] = False,
 ) -> None:
     """Fine-tune a LoRA adapter as CONFIG says."""
     from taskling.config import load_config

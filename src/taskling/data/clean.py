@@ -66,7 +66,7 @@ def _features(texts: Sequence[str], config: CleanConfig) -> Any:
     return vec.fit_transform([normalize(t) for t in texts]).tocsr()
 
 
-def _fit_predict(x_train: Any, y_train: np.ndarray, x_test: Any, n_classes: int, seed: int) -> np.ndarray:
+def fit_predict(x_train: Any, y_train: np.ndarray, x_test: Any, n_classes: int, seed: int) -> np.ndarray:
     """Softmax regression in torch. sklearn's one-vs-rest and lbfgs solvers take minutes at
     100k rows x 150 classes; an EmbeddingBag over the sparse TF-IDF rows with large
     minibatches and Adam takes seconds."""
@@ -143,7 +143,7 @@ def out_of_fold_probabilities(texts: Sequence[str], y: np.ndarray, n_classes: in
             test = np.nonzero(fold == k)[0]
             train = np.nonzero(fold != k)[0]
             if len(test) and len(train):
-                probs[test] = _fit_predict(x[train], y[train], x[test], n_classes, config.seed + k)
+                probs[test] = fit_predict(x[train], y[train], x[test], n_classes, config.seed + k)
     finally:
         torch.set_num_threads(threads)
     return probs

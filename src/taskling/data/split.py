@@ -197,7 +197,7 @@ def split_dataset(
         gold = [examples[i] for i in sorted(held)]
         pool = [examples[i] for i in sorted(kept)]
         reused = False
-        _freeze_gold(out, gold, config, clean_config)
+        freeze_gold(out, gold, config, clean_config)
     pool_clusters = _clusters(pool, clean_config)
     val_fraction = config.validation_fraction / max(1e-9, 1 - (0 if reused else config.gold_fraction))
     kept, held, _ = _stratified_clusters(pool, pool_clusters, min(val_fraction, 0.5), 0, rng)
@@ -225,7 +225,7 @@ def split_dataset(
     return SplitResult(out, train, validation, gold, leaked, reused, starved)
 
 
-def _freeze_gold(out: Path, gold: list[Example], config: SplitConfig, clean_config: CleanConfig) -> None:
+def freeze_gold(out: Path, gold: list[Example], config: SplitConfig, clean_config: CleanConfig) -> None:
     refuse_refreeze(out / MANIFEST)
     write_examples(out / "gold.jsonl", gold)
     manifest = {

@@ -60,9 +60,7 @@ from taskling.model.loader import (
 from taskling.rundir import RunDir, adapter_version, read_manifest
 from taskling.task import Task
 
-# `read_manifest` and `adapter_version` live in taskling.rundir; they stay importable from here
-# (and `base_path` from taskling.model.loader) for modules that still import them this way.
-__all__ = ["Classifier", "LabelTrie", "Prediction", "adapter_version", "base_path", "load_adapters", "read_manifest"]
+__all__ = ["Classifier", "LabelTrie", "Prediction", "load_adapters", "run_format"]
 
 log = logging.getLogger(__name__)
 
