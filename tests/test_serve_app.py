@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,8 +61,10 @@ def test_every_error_has_the_one_documented_shape(client: TestClient) -> None:
     assert invalid.json()["error"]["param"] == "texts.0"
     assert_error_shape(post("/v1/classify", json={"text": "a", "adapter": "nope"}, headers=AUTH), 404)
     assert_error_shape(post("/v1/classify", json={"text": "a", "adapter": "../x"}, headers=AUTH), 400)
-    chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}  # without logprobs: true
     assert_error_shape(post("/v1/chat/completions", json=chat, headers=AUTH), 400)
+    assert_error_shape(post("/v1/chat/completions", json={**chat, "n": 0}, headers=AUTH), 422)
+    assert_error_shape(client.get("/v1/models/nope", headers=AUTH), 404)
     assert_error_shape(client.get("/no/such/path", headers=AUTH), 404)
     assert_error_shape(client.get("/v1/classify", headers=AUTH), 405)
 
@@ -102,16 +105,31 @@ def test_a_name_requests_cannot_use_is_refused_before_the_model_loads(
     assert result.exit_code == 2 and "cannot be served" in result.output and "fix:" in result.output
 
 
-def test_an_extraction_run_in_adapters_dir_is_a_clear_error(trained_run: Path, tmp_path: Path) -> None:
+def test_extraction_runs_are_served_but_not_quantized(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import taskling.serve.server as server
+
     root = tmp_path / "adapters"
     root.mkdir()
     extraction_run(trained_run, root / "invoices")
-    with pytest.raises(RunError, match="is an extraction run, not a classification run"):
-        build_engine(trained_run, ServeSettings(adapters_dir=root, log_url=f"sqlite:///{tmp_path / 'l.db'}"))
+    settings = ServeSettings(adapters_dir=root, log_url=f"sqlite:///{tmp_path / 'l.db'}", threads=1, dtype="float32")
+    engine = build_engine(trained_run, settings)
+    assert list(engine.classifiers) == ["default"] and list(engine.extractors) == ["invoices"]
+    engine.plog.close()
+    (root / "other").mkdir()
+    (root / "other" / "run.json").write_text(json.dumps({"kind": "ranking"}))
+    (root / "other" / "adapter").mkdir()
+    (root / "other" / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(RunError, match="is a ranking run; only classification and extraction runs are served"):
+        build_engine(trained_run, settings)
+    shutil.rmtree(root / "other")
+
+    monkeypatch.setattr(server, "load_adapters", lambda *a, **k: pytest.fail("the model was loaded"))
     from taskling.cli import app
 
-    result = runner.invoke(app, ["serve", str(trained_run), "--adapters-dir", str(root)])
-    assert result.exit_code == 2 and "extraction run" in result.output
+    result = runner.invoke(app, ["serve", str(trained_run), "--adapters-dir", str(root), "--quantize", "int8"])
+    assert result.exit_code == 2 and "--quantize int8 applies to classification runs" in result.output
     assert "Traceback" not in result.output and "ValidationError" not in result.output
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from taskling.errors import ConfigError
 from taskling.task import Task
@@ -29,7 +29,9 @@ class DataConfig(_Strict):
     validation: list[Path] = Field(default_factory=list)
     # Share of train held out for validation loss when no validation file is given.
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    format: Literal["auto", "text_label", "instruction", "alpaca", "chat", "csv"] = "auto"
+    # The row shape, or the container: "parquet", "datasets" (a save_to_disk folder; `hf:ORG/NAME:SPLIT`
+    # names a Hub dataset). "auto" detects it from the extension, folder layout and keys.
+    format: Literal["auto", "text_label", "instruction", "alpaca", "chat", "csv", "parquet", "datasets"] = "auto"
     text_field: str = "text"
     label_field: str = "label"
     # "error" stops at the first bad row; "skip" drops bad rows, counts and reports them.
@@ -48,6 +50,12 @@ class ModelConfig(_Strict):
     chat_template: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_length: int = Field(256, ge=16)
+    # QLoRA: "nf4" freezes the base's decoder linear layers in 4-bit NormalFloat (torchao),
+    # about a quarter of bf16's memory; LoRA trains on top in higher precision.
+    quantize: Literal["nf4"] | None = None
+    # Attention kernel for training: "sdpa" (PyTorch's fused attention) works everywhere;
+    # "flash_attention_2" needs CUDA and the flash-attn package.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
 
 
 class LoraSettings(_Strict):
@@ -77,6 +85,23 @@ class TrainSettings(_Strict):
     # Save a resumable checkpoint every N optimizer steps (and at every evaluation); 0: only at evaluations.
     checkpoint_every: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1)
+    # Speed levers (docs/gpu.md). null means "on when CUDA is present".
+    # Padding-free packing: a micro-batch's rows run as one sequence, attention kept within each row.
+    packing: bool | None = None
+    # Try the micro-batch on the longest rows first and split it in halves until it fits (CUDA, one process).
+    auto_batch: bool | None = None
+    # Recompute activations in the backward pass: less memory, about a third more compute.
+    gradient_checkpointing: bool = False
+    # torch.compile each decoder layer (the first steps are slower while it compiles).
+    compile: bool = False
+    # Experiment trackers that get the config, losses, learning rate, tokens/s and the final
+    # numbers (docs/tracking.md); each needs its own package (pip install tensorboard, ...).
+    report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(default_factory=list)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class ProjectConfig(_Strict):
@@ -129,6 +154,8 @@ def resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
     """Config paths (data files, labels_file, run_dir, a local model.base) made absolute against `root`."""
 
     def fix(p: Any) -> Any:
+        if str(p).startswith("hf:"):  # a Hub dataset id, not a path
+            return str(p)
         path = Path(str(p)).expanduser()
         return str(path if path.is_absolute() else root / path)
 

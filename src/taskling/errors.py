@@ -33,12 +33,15 @@ class DataError(TasklingError):
         path: str | Path | None = None,
         line: int | None = None,
         fix: str | None = None,
+        row: int | None = None,  # for tables (Parquet, `datasets`): a row number, not a line
     ) -> None:
         self.path = None if path is None else str(path)
         self.line = line
+        self.row = row
         where = ""
         if self.path is not None:
             where = self.path if line is None else f"{self.path}:{line}"
+            where += "" if row is None else f", row {row}"
             where += ": "
         super().__init__(where + message, fix=fix)
 

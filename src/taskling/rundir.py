@@ -92,6 +92,8 @@ class RunDir:
     dpo_summary = _At("dpo.json")
     dpo_report = _At("dpo_report.json")
     comparison = _At("compare")
+    # Experiment-tracker files (`train.report_to`): TensorBoard events, W&B's folder.
+    tracking = _At("tracking")
 
     def gold_evals(self, version: str) -> Path:
         """`evals/gold-VERSION/`: the run scored on one gold version (metrics, predictions, gate)."""

@@ -6,7 +6,7 @@ User mistakes (`TasklingError`) print as a message and a fix, never a traceback.
 
 # Importing the command modules registers their commands on `app`, in the order `--help` lists them.
 # isort: off
-from taskling.cli import train, bar, serve, monitor, extract, data
+from taskling.cli import train, bar, serve, monitor, extract, data, models
 
 # isort: on
 from taskling.cli.bar import render_ladder
@@ -21,6 +21,7 @@ __all__ = [
     "err_console",
     "extract",
     "friendly_errors",
+    "models",
     "monitor",
     "render_data_report",
     "render_ladder",

@@ -13,6 +13,7 @@ from taskling.cli.common import (
     app,
     console,
     friendly_errors,
+    progress_bar,
     render_metrics,
 )
 from taskling.errors import TasklingError
@@ -167,15 +168,17 @@ def ladder(
     from taskling.evaluate.ladder import Bar, run_ladder
 
     bar = Bar(against=against, min_accuracy=min_accuracy, min_category_accuracy=min_category_accuracy)
-    result = run_ladder(
-        load_config(config),
-        gold,
-        out,
-        rungs=[r.strip() for r in rungs.split(",") if r.strip()],
-        lora_run=lora_run,
-        shots=shots,
-        bar=bar,
-    )
+    with progress_bar("ladder", "rungs", every_percent=1) as update:
+        result = run_ladder(
+            load_config(config),
+            gold,
+            out,
+            rungs=[r.strip() for r in rungs.split(",") if r.strip()],
+            lora_run=lora_run,
+            shots=shots,
+            bar=bar,
+            progress=update,
+        )
     render_ladder(result)
 
 

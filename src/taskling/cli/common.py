@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,11 +19,19 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
 from taskling.errors import TasklingError
+from taskling.extras import missing_extra
 
 app = typer.Typer(help="Fine-tune small specialist models for narrow, high-volume tasks.", no_args_is_help=True)
 console = Console()
@@ -49,7 +58,9 @@ def setup_logging(verbose: bool) -> None:
         force=True,
     )
     logging.getLogger("taskling").setLevel(logging.INFO)
-    for noisy in ("transformers", "peft", "httpx", "urllib3"):
+    # torchao (the nf4 backend) is imported by transformers whenever it is installed, and on a
+    # CPU-only box it warns about CUDA kernels it cannot load; torch's pytree warns on its enums.
+    for noisy in ("transformers", "peft", "httpx", "urllib3", "torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     # transformers' own per-load progress bars and deprecation chatter drown the report.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -69,7 +80,11 @@ def friendly_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except TasklingError as err:
+        except (TasklingError, ModuleNotFoundError) as caught:
+            # A lazily imported optional package that is missing names its extra (taskling.extras).
+            err = caught if isinstance(caught, TasklingError) else missing_extra(caught)
+            if err is None:
+                raise
             err_console.print(Text.assemble(("error:", "bold red"), " ", err.message), soft_wrap=True)
             if err.fix:
                 err_console.print(Text.assemble(("fix:", "yellow"), " ", err.fix), soft_wrap=True)
@@ -85,6 +100,17 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log
 
 @contextmanager
 def training_progress() -> Iterator[Callable[[int, int, dict[str, float]], None]]:
+    """Training's `(step, total, info)` callback: a rich bar with loss and tokens/s on a
+    terminal, plain periodic lines (`PlainProgress`) otherwise."""
+    if not err_console.is_terminal:
+        plain = PlainProgress("train", "steps")
+
+        def log_line(step: int, total: int, info: dict[str, float]) -> None:
+            plain.suffix = f", loss {info['loss']:.4f}, {info['tokens_per_s']:.0f} tok/s"
+            plain(step, total)
+
+        yield log_line
+        return
     columns = (
         TextColumn("[bold]train"),
         BarColumn(),
@@ -99,6 +125,74 @@ def training_progress() -> Iterator[Callable[[int, int, dict[str, float]], None]
 
         def update(step: int, total: int, info: dict[str, float]) -> None:
             bar.update(task_id, completed=step, total=total, loss=info["loss"], rate=info["tokens_per_s"])
+
+        yield update
+
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class PlainProgress:
+    """`(done, total)` as plain lines for logs (CI, a pipe): one every `every_percent` of the
+    total or every `every_seconds`, whichever comes first, and one at the end."""
+
+    def __init__(
+        self,
+        label: str,
+        unit: str,
+        *,
+        every_percent: float = 10.0,
+        every_seconds: float = 10.0,
+        write: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label, self.unit = label, unit
+        self.every_percent, self.every_seconds = every_percent, every_seconds
+        self.write = write or (lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
+        self.clock = clock
+        self.started = self.last_time = clock()
+        self.last_done, self.last_bucket = 0, 0
+        self.suffix = ""  # appended to the next line written: the training loss, say
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        bucket = int(done * 100 / total // self.every_percent) if total else 0
+        due = done >= total or bucket > self.last_bucket or now - self.last_time >= self.every_seconds
+        if not due or done == self.last_done:
+            return
+        self.last_done, self.last_bucket, self.last_time = done, bucket, now
+        self.write(self.line(done, total, now - self.started))
+
+    def line(self, done: int, total: int, elapsed: float) -> str:
+        text = f"{self.label}: {done}/{total} {self.unit}"
+        if total:
+            text += f" ({done / total:.0%}), {elapsed:.1f} s"
+            if 0 < done < total:
+                text += f", about {elapsed * (total - done) / done:.0f} s left"
+        return text + self.suffix
+
+
+@contextmanager
+def progress_bar(label: str, unit: str = "rows", *, every_percent: float = 10.0) -> Iterator[ProgressCallback]:
+    """A `(done, total)` callback for library functions' `progress=`: a rich bar with counts
+    and ETA on a terminal, plain periodic lines (`PlainProgress`) otherwise. Both go to stderr,
+    so stdout stays clean for --json output."""
+    if not err_console.is_terminal:
+        yield PlainProgress(label, unit, every_percent=every_percent)
+        return
+    columns = (
+        TextColumn(f"[bold]{escape(label)}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(escape(unit)),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task_id = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task_id, completed=done, total=total)
 
         yield update
 

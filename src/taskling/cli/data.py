@@ -12,6 +12,7 @@ from taskling.cli.common import (
     app,
     console,
     friendly_errors,
+    progress_bar,
     shown,
 )
 from taskling.errors import TasklingError
@@ -90,8 +91,8 @@ def distill_cmd(
     from taskling.data.distill import DistillConfig, distill, load_task_file
 
     config = DistillConfig(min_confidence=min_confidence, gold_manifest=gold_manifest, clean=_clean_config(settings))
-    with console.status("distilling: dedupe, conflicts, label errors"):
-        result = distill(logs, load_task_file(task), out, config)
+    with progress_bar("distill", "cleaning stages", every_percent=1) as update:
+        result = distill(logs, load_task_file(task), out, config, progress=update)
     render_data_report(result.report)
     console.print(
         f"{result.rows_read} rows -> {result.train} train, {result.review} review, {result.rejected} rejected "
@@ -106,17 +107,20 @@ app.add_typer(data_app, name="data")
 @data_app.command("report")
 @friendly_errors
 def data_report_cmd(
-    data: Annotated[Path, typer.Argument(help="A labeled JSONL/CSV file, or a `taskling distill` output folder.")],
+    data: Annotated[
+        Path, typer.Argument(help="A labeled file (JSONL, CSV, Parquet, a datasets folder) or a distill output folder.")
+    ],
     task: Annotated[Path | None, typer.Option("--task", help="Task YAML (needed for a file).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Where to write the JSON report.")] = None,
     settings: Annotated[list[str] | None, typer.Option("--set", help="Cleaning setting key=value.")] = None,
 ) -> None:
     """Counts per category against the guide, duplicates, label-error candidates, review queue."""
     from taskling.data.clean import build_report, clean_examples
+    from taskling.data.columnar import table_format
     from taskling.data.distill import load_task_file
     from taskling.data.load import load_file
 
-    if data.is_dir():
+    if data.is_dir() and table_format(data, "auto") is None:  # a distill output folder, not a dataset
         if not (data / "report.json").is_file():
             raise TasklingError(f"{data} has no report.json", fix="run `taskling distill` into it, or give a file")
         report = read_json(data / "report.json")
@@ -149,7 +153,7 @@ def data_report_cmd(
 @app.command("split")
 @friendly_errors
 def split_cmd(
-    data: Annotated[list[Path], typer.Argument(help="Labeled JSONL/CSV file(s), e.g. distill's train.jsonl.")],
+    data: Annotated[list[Path], typer.Argument(help="Labeled JSONL/CSV/Parquet/datasets, e.g. distill's train.jsonl.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (gold is frozen here once).")],
     task: Annotated[Path | None, typer.Option("--task", help="Task YAML: check labels.")] = None,
     gold_fraction: Annotated[float, typer.Option(help="Share of rows for gold (first run only).")] = 0.15,
@@ -185,17 +189,21 @@ def label_cmd(
     task: Annotated[Path, typer.Option("--task", help="Task YAML (labels).")],
     out: Annotated[Path, typer.Option("--out", help="Teacher-log JSONL to write (feed it to distill).")],
     model: Annotated[str | None, typer.Option(help="Teacher model (default $TASKLING_TEACHER_MODEL).")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
+    max_retries: Annotated[int, typer.Option(min=0, help="Retries per request on 429/5xx/timeouts.")] = 5,
 ) -> None:
     """Label texts with a teacher (any OpenAI-compatible endpoint from the environment)."""
     from taskling.data.distill import load_task_file
+    from taskling.data.retry import RetryPolicy
     from taskling.data.teacher import TeacherClient, label_texts, read_texts, usage_dict
     from taskling.io import write_jsonl
 
     spec = load_task_file(task)
     texts = read_texts(texts_file)
-    client = TeacherClient(model=model)
-    with console.status(f"labeling {len(texts)} texts with {shown(client.model)}"):
-        rows = label_texts(texts, spec, client)
+    client = TeacherClient(model=model, concurrency=concurrency, retry=RetryPolicy(max_retries=max_retries))
+    with progress_bar(f"labeling with {client.model}", "texts") as progress:
+        rows = label_texts(texts, spec, client, progress=progress)
+    client.close()
     write_jsonl(out, rows)
     usage = usage_dict(client.usage)
     console.print(f"wrote {len(rows)} rows to {shown(out)}; next: taskling distill {shown(out)} --task {shown(task)}")
@@ -212,10 +220,13 @@ def synth_cmd(
     per_label: Annotated[int, typer.Option(help="Examples to ask for per category.")] = 20,
     gold_manifest: Annotated[Path | None, typer.Option(help="Frozen gold manifest: reject copies of gold.")] = None,
     model: Annotated[str | None, typer.Option(help="Teacher model (default $TASKLING_TEACHER_MODEL).")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
+    max_retries: Annotated[int, typer.Option(min=0, help="Retries per request on 429/5xx/timeouts.")] = 5,
 ) -> None:
     """Ask the teacher for diverse examples per category; keep only validated ones."""
     from taskling.data.distill import load_task_file
     from taskling.data.load import write_examples
+    from taskling.data.retry import RetryPolicy
     from taskling.data.split import load_gold, manifest_clean_config
     from taskling.data.teacher import TeacherClient, synthesize, usage_dict
     from taskling.io import write_jsonl
@@ -225,9 +236,10 @@ def synth_cmd(
     if gold_manifest is not None:
         gold, manifest = load_gold(gold_manifest)
         clean = manifest_clean_config(manifest)
-    client = TeacherClient(model=model)
-    with console.status(f"asking {shown(client.model)} for {per_label} examples x {len(spec.labels)} categories"):
-        result = synthesize(spec, client, per_label=per_label, gold=gold, clean_config=clean)
+    client = TeacherClient(model=model, concurrency=concurrency, retry=RetryPolicy(max_retries=max_retries))
+    with progress_bar(f"asking {client.model} for {per_label} examples per category", "categories") as progress:
+        result = synthesize(spec, client, per_label=per_label, gold=gold, clean_config=clean, progress=progress)
+    client.close()
     write_examples(out, result.accepted)
     rejected_path = out.with_name(out.stem + ".rejected.jsonl")
     write_jsonl(rejected_path, result.rejected)

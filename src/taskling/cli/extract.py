@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,7 @@ from taskling.cli.common import (
     app,
     console,
     friendly_errors,
+    progress_bar,
     render_train_summary,
     shown,
     training_progress,
@@ -71,7 +73,10 @@ def extract(
                 fix="pass UTF-8 text (check the terminal's or the calling program's encoding)",
             )
     extractor = Extractor.from_run(run_dir)
-    for result in extractor.extract(text):
+    # Progress (on stderr) when there is more than one message to wait for.
+    with progress_bar("extract", "messages") if len(text) > 1 else nullcontext() as update:
+        results = extractor.extract(text, progress=update)
+    for result in results:
         # One JSON object per line, so the output pipes straight into jq or a JSONL file.
         typer.echo(json.dumps(result.record, ensure_ascii=False))
 
@@ -125,8 +130,10 @@ def dpo_cmd(
     from taskling.evaluate.refine import compare
     from taskling.train.dpo import dpo
 
-    with console.status("DPO: refining the adapter"):
-        result = dpo(run_dir, pairs_file, out, beta=beta, learning_rate=lr, epochs=epochs, batch_size=batch_size)
+    with progress_bar("dpo", "steps") as update:
+        result = dpo(
+            run_dir, pairs_file, out, beta=beta, learning_rate=lr, epochs=epochs, batch_size=batch_size, progress=update
+        )
     console.print(
         f"{shown(result.run_dir)}: {result.pairs} pairs, {result.steps} steps, loss {result.first_loss:.4f} -> "
         f"{result.last_loss:.4f}, chosen preferred on {result.reward_accuracy:.0%} of pairs"

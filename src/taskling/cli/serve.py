@@ -1,4 +1,4 @@
-"""Serve and ship: serve, logs, export, predict-batch (docs/serve.md, docs/export.md, docs/scale.md)."""
+"""Serve and ship: serve, logs, export, push, predict-batch (docs/serve.md, docs/export.md, docs/scale.md)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from taskling.cli.common import (
     console,
     err_console,
     friendly_errors,
+    progress_bar,
 )
 from taskling.errors import TasklingError
 
@@ -52,7 +53,9 @@ def serve(
         str | None, typer.Option(help="int8: dynamic int8 on the CPU (gate it first: taskling eval --quantize).")
     ] = None,
 ) -> None:
-    """Serve RUN_DIR over HTTP: /v1/classify, /v1/chat/completions, /healthz, /metrics.
+    """Serve RUN_DIR over HTTP: /v1/classify (or /v1/extract), /v1/chat/completions, /v1/models, /healthz, /metrics.
+
+    RUN_DIR and the runs in --adapters-dir may be classification or extraction runs.
 
     Prints "ready" on stderr once the model is loaded and requests are answered.
     """
@@ -134,7 +137,9 @@ def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
     to: Annotated[str, typer.Option("--to", help="merged | gguf | ollama | vllm")],
     out: Annotated[Path | None, typer.Option("--out", help="Export directory (default RUN_DIR/exports/...).")] = None,
-    quant: Annotated[str, typer.Option("--quant", help="GGUF weights for gguf/ollama: f16 | q8_0.")] = "f16",
+    quant: Annotated[
+        str, typer.Option("--quant", help="GGUF weights: f16 | q8_0 | q4_0 | q4_K_M (q4_K_M needs llama.cpp).")
+    ] = "f16",
     dtype: Annotated[str, typer.Option("--dtype", help="Saved weights for merged: float32 | bfloat16.")] = "float32",
 ) -> None:
     """Export a run: merged safetensors, GGUF, an Ollama Modelfile, or a vLLM LoRA launch line."""
@@ -160,6 +165,21 @@ def export_cmd(
         console.print(Text(f"next: bash {result.out_dir / 'launch.sh'}"))
 
 
+@app.command("push")
+@friendly_errors
+def push_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
+    repo: Annotated[str, typer.Argument(help="Hub repository, e.g. you/intent-classifier.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+) -> None:
+    """Push a run's adapter, tokenizer and a model card (gate verdict, metrics) to the Hugging Face Hub."""
+    from taskling.export.hub import push
+
+    with console.status(Text(f"pushing {run_dir} to {repo}")):
+        result = push(run_dir, repo, private=private)
+    console.print(Text(f"pushed {len(result.files)} files to {result.url}"))
+
+
 @app.command("predict-batch")
 @friendly_errors
 def predict_batch_cmd(
@@ -177,15 +197,17 @@ def predict_batch_cmd(
     """Classify every row of a Parquet/JSONL/CSV file: input columns + label, probability, margin, probabilities."""
     from taskling.serve.batch import predict_batch
 
-    result = predict_batch(
-        run_dir,
-        input_path,
-        out,
-        engine=engine,
-        text_field=text_field,
-        batch_size=batch_size,
-        workers=workers,
-        threads=threads,
-    )
+    with progress_bar("predict-batch", "rows") as update:
+        result = predict_batch(
+            run_dir,
+            input_path,
+            out,
+            engine=engine,
+            text_field=text_field,
+            batch_size=batch_size,
+            workers=workers,
+            threads=threads,
+            progress=update,
+        )
     rate = f"{result.rows_per_second:.1f} rows/s, {result.engine}"
     console.print(Text(f"wrote {result.rows} rows to {result.output_path} ({rate})"))

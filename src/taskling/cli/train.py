@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from taskling.cli.common import (
     app,
     console,
     friendly_errors,
+    progress_bar,
     render_metrics,
     render_train_summary,
     training_progress,
@@ -27,7 +29,9 @@ from taskling.errors import DataError, TasklingError
 def train(
     config: Annotated[Path, typer.Argument(help="Project config YAML.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="Overrides like train.epochs=2.")] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Start over: remove the old run's files in run_dir instead of resuming.")] = False,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Start over: remove the old run's files in run_dir instead of resuming.")
+    ] = False,
 ) -> None:
     """Fine-tune a LoRA adapter as CONFIG says."""
     from taskling.config import load_config
@@ -43,7 +47,9 @@ def train(
 @friendly_errors
 def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
-    data: Annotated[Path, typer.Option("--data", help="Gold JSONL/CSV to score on.")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Gold set: JSONL, CSV, Parquet, a datasets folder, hf:ORG/NAME:SPLIT.")
+    ],
     batch_size: Annotated[int, typer.Option(help="Messages per forward pass.")] = 32,
     out: Annotated[Path | None, typer.Option("--out", help="Where metrics go (default: RUN_DIR).")] = None,
     quantize: Annotated[
@@ -57,7 +63,8 @@ def eval_cmd(
     clf = Classifier.from_run(run_dir, quantize=quantize)
     # A quantized classifier's scores never overwrite the run's own: gate one against the other.
     out = out or (run_dir / quantize if quantize else None)
-    result = evaluate(run_dir, data, out_dir=out, batch_size=batch_size, classifier=clf)
+    with progress_bar("eval", "rows") as update:
+        result = evaluate(run_dir, data, out_dir=out, batch_size=batch_size, classifier=clf, progress=update)
     render_metrics(result.metrics)
     console.print(Text(f"wrote {result.metrics_path} and {result.predictions_path}"))
 
@@ -147,7 +154,9 @@ def classify(
         raise TasklingError("nothing to classify", fix="give messages as arguments or --file messages.txt")
     clf = Classifier.from_run(run_dir, quantize=quantize)
     good = [m for m in messages if m.problem is None]
-    predictions = iter(clf.predict([m.text for m in good]) if good else [])
+    # Progress only for --file: a few arguments take no time, and their output is the answer.
+    with progress_bar("classify", "messages") if file is not None else nullcontext() as update:
+        predictions = iter(clf.predict([m.text for m in good], progress=update) if good else [])
     for message in messages:
         if message.problem is None:
             render_prediction(next(predictions), top, as_json)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -234,9 +234,13 @@ def clean_examples(
     config: CleanConfig | None = None,
     *,
     gold: Sequence[Example] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CleanResult:
-    """Decide train / review / rejected for every row (labels must already be in the set)."""
+    """Decide train / review / rejected for every row (labels must already be in the set).
+
+    `progress(done, 3)` after each stage: gold leaks, duplicates and conflicts, label errors."""
     config = config or CleanConfig()
+    step = progress or (lambda done, total: None)
     decisions: list[Decision | None] = [None] * len(examples)
     result = CleanResult(decisions=[])
 
@@ -245,6 +249,7 @@ def clean_examples(
             decisions[leak["index"]] = Decision("rejected", "gold_leak", leak["detail"])
             result.leaks.append(leak)
 
+    step(1, 3)
     live = [i for i, d in enumerate(decisions) if d is None]
     groups = duplicate_clusters([examples[i].text for i in live], config)
     for group in groups:
@@ -270,6 +275,7 @@ def clean_examples(
             reason = "exact_duplicate" if exact else "near_duplicate"
             decisions[i] = Decision("rejected", reason, f"of {_where(examples[keep])}: {examples[keep].text!r}")
 
+    step(2, 3)
     candidates = [i for i, d in enumerate(decisions) if d is None]
     if config.label_errors and candidates:
         issues = find_label_issues([examples[i] for i in candidates], labels, config)
@@ -287,6 +293,7 @@ def clean_examples(
                 )
                 decisions[i] = Decision("review", "likely_label_error", detail)
     result.decisions = [d or Decision("train") for d in decisions]
+    step(3, 3)
     return result
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from taskling.config import ProjectConfig, build_config
 from taskling.errors import DataError
 from taskling.io import read_jsonl, write_jsonl, write_text
+from taskling.model.bundled import check_installed
 from taskling.rundir import RunDir
 
 CLINC_ENV = "TASKLING_CLINC_DIR"
@@ -64,6 +65,7 @@ def prepare_demo(
     base: str = "bundled:smollm2-135m",
 ) -> tuple[ProjectConfig, Path]:
     """Write the demo's data files and return its config and the gold file's path."""
+    check_installed(base)  # before any file is written: the error is the one install command
     clinc = find_clinc(data_dir)
     labels = pick_intents(clinc, intents)
     run_dir = Path(run_dir)

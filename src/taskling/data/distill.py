@@ -23,7 +23,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,9 +193,16 @@ def _label_key(label: str) -> str:
 
 
 def distill(
-    logs: Iterable[str | Path], task: Task, out_dir: str | Path, config: DistillConfig | None = None
+    logs: Iterable[str | Path],
+    task: Task,
+    out_dir: str | Path,
+    config: DistillConfig | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DistillResult:
-    """Turn teacher logs into train / review / rejected files and a report (see module doc)."""
+    """Turn teacher logs into train / review / rejected files and a report (see module doc).
+
+    `progress(done, 3)` follows the cleaning stages (`clean.clean_examples`)."""
     config = config or DistillConfig()
     out = Path(out_dir)
     rows, bad = read_logs(logs)
@@ -226,7 +233,7 @@ def distill(
 
         gold, _ = load_gold(config.gold_manifest)
     examples = [Example(r.text, r.label, r.source, r.line) for r in candidates]
-    result = clean_examples(examples, task.labels, config.clean, gold=gold)
+    result = clean_examples(examples, task.labels, config.clean, gold=gold, progress=progress)
     for row, decision in zip(candidates, result.decisions, strict=True):
         if decision.destination == "train":
             train.append({"text": row.text, "label": row.label})

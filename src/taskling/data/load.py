@@ -10,8 +10,10 @@ Formats (detected per file, or forced with `DataConfig.format`):
   `{"conversations": [{"from", "value"}, ...]}` (ShareGPT): the last user turn is the
   text, the last assistant turn the label
 - CSV with a header row naming the text and label columns
+- tables (`columnar.py`): Parquet files, `datasets` folders from `save_to_disk`, and
+  Hub datasets (`hf:ORG/NAME:SPLIT`); each row is a record in any of the shapes above
 
-A row that cannot be used is a `BadRow` with its file, line and reason. With
+A row that cannot be used is a `BadRow` with its file, line (row, for tables) and reason. With
 `on_bad_rows="error"` the first one stops the load with a `DataError`; with `"skip"` it is
 counted and reported. No row disappears without a trace.
 """
@@ -27,17 +29,18 @@ import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskling.data.columnar import TABLE_FORMATS, iter_table, table_format
 from taskling.errors import DataError
 from taskling.io import write_jsonl
 from taskling.task import Task
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "text_label", "instruction", "alpaca", "chat", "csv")
+FORMATS = ("auto", "text_label", "instruction", "alpaca", "chat", "csv", *TABLE_FORMATS)
 _USER_ROLES = {"user", "human"}
 _ASSISTANT_ROLES = {"assistant", "gpt", "model", "bot"}
 
@@ -56,9 +59,11 @@ class BadRow:
     line: int
     reason: str
     detail: str
+    unit: str = "line"  # "row" for tables (Parquet, `datasets`): `line` holds the row number
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}: {self.detail}"
+        where = f"{self.path}:{self.line}" if self.unit == "line" else f"{self.path}, row {self.line}"
+        return f"{where}: {self.reason}: {self.detail}"
 
 
 @dataclass
@@ -134,7 +139,7 @@ def row_to_pair(row: Any, fmt: str, text_field: str = "text", label_field: str =
     """Extract (text, label) from one parsed row; raises `_RowError` on a bad row."""
     if not isinstance(row, dict):
         raise _RowError("malformed", f"expected a JSON object, got {type(row).__name__}", "write one object a line")
-    if fmt in ("auto", "csv"):
+    if fmt in ("auto", "csv", *TABLE_FORMATS):
         fmt = _detect(row, text_field, label_field)
     if fmt == "text_label":
         missing = [k for k in (text_field, label_field) if k not in row]
@@ -286,13 +291,17 @@ def load_file(
     label_field: str = "label",
     on_bad_rows: str = "error",
 ) -> LoadResult:
-    """Load one file. Bad rows raise (`on_bad_rows="error"`) or are counted (`"skip"`)."""
+    """Load one file, `datasets` folder or `hf:` Hub dataset. Bad rows raise
+    (`on_bad_rows="error"`) or are counted (`"skip"`)."""
     path = Path(path)
-    if not path.is_file():
+    table = table_format(path, fmt)
+    if table is None and not path.is_file():
         raise DataError("file does not exist", path=path, fix="check the path in data.train / data.validation")
+    unit = "line" if table is None else "row"
+    rows = _iter_rows(path, fmt) if table is None else iter_table(path, table)
     result = LoadResult()
     try:
-        for line, row in _iter_rows(path, fmt):
+        for line, row in rows:
             result.rows_read += 1
             try:
                 if isinstance(row, _RowError):
@@ -300,8 +309,10 @@ def load_file(
                 text, label = _check_pair(*row_to_pair(row, fmt, text_field, label_field), task)
             except _RowError as err:
                 if on_bad_rows == "error":
+                    if table is not None:
+                        raise DataError(err.detail, path=path, row=line, fix=err.fix) from None
                     raise DataError(err.detail, path=path, line=line, fix=err.fix) from None
-                result.bad_rows.append(BadRow(str(path), line, err.reason, err.detail))
+                result.bad_rows.append(BadRow(str(path), line, err.reason, err.detail, unit))
                 continue
             result.examples.append(Example(text, label, str(path), line))
     except csv.Error as err:
@@ -356,4 +367,5 @@ def content_hash(examples: Iterable[Example]) -> str:
 
 
 def bad_rows_report(bad_rows: Sequence[BadRow]) -> list[dict[str, Any]]:
-    return [asdict(b) for b in bad_rows]
+    """bad_rows.jsonl records: {path, line, reason, detail}; tables name the `row` instead."""
+    return [{"path": b.path, b.unit: b.line, "reason": b.reason, "detail": b.detail} for b in bad_rows]

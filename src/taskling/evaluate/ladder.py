@@ -272,29 +272,11 @@ def _write_rung(
     return metrics
 
 
-def run_ladder(
-    config: ProjectConfig,
-    gold_file: str | Path,
-    out_dir: str | Path,
-    *,
-    rungs: Sequence[str] = RUNGS,
-    lora_run: str | Path | None = None,
-    shots: int = 1,
-    bar: Bar | None = None,
-    latency_samples: int = 20,
-) -> LadderResult:
-    """Train and score every rung on the same data; name the smallest that clears `bar`."""
-    from taskling.train.sft import prepare_data
-
-    unknown = [r for r in rungs if r not in RUNGS]
-    if unknown:
-        raise TasklingError(f"unknown rung(s): {', '.join(unknown)}", fix=f"choose from {', '.join(RUNGS)}")
-    bar = bar or Bar()
-    out_dir = Path(out_dir)
-    labels = list(config.task.labels)
-    train_rows = prepare_data(config).train
-    gold = load_file(gold_file, config.task).examples
-    builders: dict[str, tuple[str, Callable[[], tuple[PredictFn, float, int]]]] = {
+def rung_builders(
+    config: ProjectConfig, train_rows: Sequence[Example], labels: list[str], shots: int, lora_run: str | Path | None
+) -> dict[str, tuple[str, Callable[[], tuple[PredictFn, float, int]]]]:
+    """Each rung's description and how to build it (a predict function, training seconds, bytes)."""
+    return {
         "tfidf": ("TF-IDF 1-2 grams + logistic regression", lambda: tfidf_rung(train_rows, labels)),
         "minilm": ("all-MiniLM-L6-v2 embeddings + logistic regression", lambda: minilm_rung(train_rows, labels)),
         "zero-shot": (f"{config.model.base}, no adapter, labels in prompt", lambda: prompted_rung(config)),
@@ -307,8 +289,39 @@ def run_ladder(
             lambda: lora_rung(config, Path(lora_run) if lora_run else None),
         ),
     }
+
+
+def run_ladder(
+    config: ProjectConfig,
+    gold_file: str | Path,
+    out_dir: str | Path,
+    *,
+    rungs: Sequence[str] = RUNGS,
+    lora_run: str | Path | None = None,
+    shots: int = 1,
+    bar: Bar | None = None,
+    latency_samples: int = 20,
+    progress: Callable[[int, int], None] | None = None,
+) -> LadderResult:
+    """Train and score every rung on the same data; name the smallest that clears `bar`.
+
+    `progress(done, total)` is called with the rungs done so far, from 0 up."""
+    from taskling.train.sft import prepare_data
+
+    unknown = [r for r in rungs if r not in RUNGS]
+    if unknown:
+        raise TasklingError(f"unknown rung(s): {', '.join(unknown)}", fix=f"choose from {', '.join(RUNGS)}")
+    bar = bar or Bar()
+    out_dir = Path(out_dir)
+    labels = list(config.task.labels)
+    train_rows = prepare_data(config).train
+    gold = load_file(gold_file, config.task).examples
+    builders = rung_builders(config, train_rows, labels, shots, lora_run)
     results: list[Rung] = []
-    for name in [r for r in RUNGS if r in rungs]:
+    chosen = [r for r in RUNGS if r in rungs]
+    if progress is not None:
+        progress(0, len(chosen))
+    for name in chosen:
         description, build = builders[name]
         log.info("ladder: %s (%s)", name, description)
         predict, train_seconds, size = build()
@@ -337,6 +350,8 @@ def run_ladder(
         )
         rung.clears, rung.why = bar.judge(metrics, rung_dir)
         results.append(rung)
+        if progress is not None:
+            progress(len(results), len(chosen))
         del predict  # let the rung's model go before the next one loads
     smallest = next((r.name for r in results if r.clears), None)
     result = LadderResult(

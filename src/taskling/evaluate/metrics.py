@@ -12,7 +12,7 @@ specialist, the teacher, a baseline) is scored the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,15 +100,20 @@ def evaluate(
     out_dir: str | Path | None = None,
     batch_size: int = 32,
     classifier: Any = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Classify every row of `data` with the run's adapter and write metrics and predictions."""
+    """Classify every row of `data` with the run's adapter and write metrics and predictions.
+
+    `progress(done, total)` is called as rows are classified."""
     from taskling.serve.classifier import Classifier
 
     run_dir = Path(run_dir)
     clf = classifier or Classifier.from_run(run_dir)
     gold = load_file(data, clf.task).examples
     started = time.perf_counter()
-    predictions = clf.predict([ex.text for ex in gold], batch_size=batch_size)
+    # Only a given callback is passed on: a wrapping classifier may not take one.
+    extra = {"progress": progress} if progress is not None else {}
+    predictions = clf.predict([ex.text for ex in gold], batch_size=batch_size, **extra)
     seconds = time.perf_counter() - started
     metrics = score([ex.label for ex in gold], [p.label for p in predictions], clf.task.labels)
 

@@ -5,8 +5,8 @@ renamed into place), each with a `manifest.json` listing every file's sha256, th
 run, the base model, the labels and the taskling version:
 
     merged   model.safetensors + config + tokenizer carrying the training chat template
-    gguf     model.gguf (f16 or q8_0) with llama.cpp tensor names, hyperparameters, the BPE
-             tokenizer and `tokenizer.chat_template`; llama architecture only
+    gguf     model.gguf (f16, q8_0, q4_0; q4_K_M with llama.cpp) with llama.cpp tensor names,
+             hyperparameters, the tokenizer and `tokenizer.chat_template`; Llama, Qwen3, Gemma 3
     ollama   model.gguf + a Modelfile whose TEMPLATE is the training chat template in Go
              template syntax, with its stop tokens, the task instruction as SYSTEM, temperature 0
     vllm     adapter/ (peft) + launch.sh (`vllm serve BASE --enable-lora --lora-modules ...`)
@@ -74,7 +74,8 @@ __all__ = [
 ]
 
 FORMATS = ("merged", "gguf", "ollama", "vllm")
-QUANTS = ("f16", "q8_0")
+# q4_K_M (what Ollama users expect) needs llama.cpp's llama-quantize; q4_0 is built in.
+QUANTS = ("f16", "q8_0", "q4_0", "q4_K_M")
 MERGED_DTYPES = ("float32", "bfloat16", "float16")
 GGUF_NAME = "model.gguf"
 # vLLM accepts only these --max-lora-rank values.
@@ -285,14 +286,46 @@ def check_merged(run: RunInfo, out: Path) -> dict[str, Any]:
 
 
 def write_gguf_dir(run: RunInfo, out: Path, *, quant: str, verify: bool) -> dict[str, Any]:
-    from taskling.export.gguf import check_gguf, write_gguf
+    from taskling.export.gguf import check_gguf
 
     model = merged_model(run)
-    write_gguf(model, run.tokenizer, run.chat_template, out / GGUF_NAME, quant, name=run.task.name)
-    checks: dict[str, Any] = {"gguf": {"quant": quant}}
+    writer = write_gguf_file(run, model, out / GGUF_NAME, quant)
+    checks: dict[str, Any] = {"gguf": {"quant": quant, "writer": writer}}
     if verify:
-        checks["gguf"] = check_gguf(out / GGUF_NAME, model, run, quant)
+        checks["gguf"] = {**check_gguf(out / GGUF_NAME, model, run, quant), "writer": writer}
     return checks
+
+
+def write_gguf_file(run: RunInfo, model: Any, path: Path, quant: str) -> str:
+    """Write the GGUF with llama.cpp's converter when installed, else the built-in writer;
+    4-bit K-quants go through llama-quantize. Returns which writer was used."""
+    from taskling.export.gguf import write_gguf
+    from taskling.export.llamacpp import convert, find_llama_cpp, quantize
+
+    tools = find_llama_cpp()
+    if quant == "q4_K_M" and tools.quantizer is None:
+        raise ExportError(
+            "q4_K_M needs llama.cpp's llama-quantize: the gguf Python package cannot quantize to Q4_K",
+            fix="install llama.cpp and set TASKLING_LLAMA_CPP to its directory (or put llama-quantize on PATH), "
+            "or use --quant q4_0 (built in), q8_0 or f16",
+        )
+    first = "f16" if quant in ("q4_K_M", "q4_0") and tools.quantizer is not None else quant
+    staged = path.with_name(f"staged-{first}.gguf") if first != quant else path
+    if tools.converter is not None and first in ("f16", "q8_0"):
+        with tempfile.TemporaryDirectory(prefix="taskling-merged-") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            run.tokenizer.save_pretrained(tmp)
+            convert(tools.converter, Path(tmp), staged, first)
+        writer = "llama.cpp convert_hf_to_gguf.py"
+    else:
+        write_gguf(model, run.tokenizer, run.chat_template, staged, first, name=run.task.name)
+        writer = "taskling (gguf package)"
+    if staged != path:
+        assert tools.quantizer is not None
+        quantize(tools.quantizer, staged, path, quant)
+        staged.unlink()
+        writer += " + llama-quantize"
+    return writer
 
 
 # ---------------------------------------------------------------- ollama

@@ -1,20 +1,22 @@
-"""GGUF writing and checking for `taskling export --to gguf|ollama` (llama architecture).
+"""GGUF writing and checking for `taskling export --to gguf|ollama`.
 
-Written with the `gguf` package the way llama.cpp's `convert_hf_to_gguf.py` writes a Llama:
-tensor names from `gguf.TensorNameMap(MODEL_ARCH.LLAMA)`, the q/k projection rows permuted
-into llama.cpp's rotary layout (`LlamaModel.permute`), 1-D tensors in f32, the byte-level
-BPE tokenizer (vocab, merges, token types, special ids) and `tokenizer.chat_template`.
+The built-in writer uses the `gguf` package the way llama.cpp's `convert_hf_to_gguf.py`
+writes each supported architecture (`gguf_arch`: Llama incl. Llama 3 rope scaling, Qwen3,
+Gemma 3): tensor names from `gguf.TensorNameMap`, the architecture's tensor transforms, its
+hyperparameters, 1-D tensors in f32, the tokenizer (`gguf_vocab`) and `tokenizer.chat_template`.
+It writes f16, q8_0 and q4_0; the gguf package has no Q4_K quantizer, so q4_K_M goes through
+llama.cpp's `llama-quantize` (`llamacpp`).
 
-The check reads the file back twice: with `gguf.GGUFReader` (metadata and tensor list), and
-with transformers' GGUF loader, an independent implementation that undoes the permutation.
-Its logits must match the merged transformers model within `LOGIT_TOLERANCE`, and its
-tokenizer must give the same ids as the run's tokenizer.
+The check reads the file back twice: with `gguf.GGUFReader` (metadata, hyperparameters and
+tensor list), and with transformers' GGUF loader, an independent implementation that undoes
+the permutation and Gemma's norm shift. Its logits must match the merged transformers model
+within `LOGIT_TOLERANCE`, and its tokenizer must give the same ids as the run's tokenizer.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,172 +31,93 @@ from taskling.export.common import (
     compare_predictions,
     sample_texts,
 )
+from taskling.export.gguf_arch import (
+    SUPPORTED,
+    GgufArch,
+    arch_for,
+    expected_hparams,
+    rope_freq_factors,
+    rope_params,
+    transform,
+    write_hparams,
+)
+from taskling.export.gguf_vocab import tokenizer_metadata, write_tokenizer
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = "llama-architecture models (LlamaForCausalLM: SmolLM2, Llama 2/3 without rope scaling, TinyLlama)"
+# q8_0 and q4_0 pack rows in blocks of 32; llama.cpp keeps a row that does not divide in F16.
+_BLOCK_QUANTS = {"q8_0": "Q8_0", "q4_0": "Q4_0"}
+_FILE_TYPES = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_K_M": "MOSTLY_Q4_K_M"}
 
 
-def check_supported(model: Any) -> None:
-    """Refuse what this writer cannot reproduce exactly, naming what it supports."""
-    config = model.config
-    kind = type(model).__name__
-    problems = []
-    if config.model_type != "llama" or kind != "LlamaForCausalLM":
-        problems.append(f"the base is {kind} ({config.model_type})")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        problems.append("the base has attention or MLP biases")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        problems.append(f"the base uses rope scaling {rope_type!r}")
-    if problems:
-        raise ExportError(
-            f"GGUF export supports {SUPPORTED}; " + "; ".join(problems),
-            fix="export with --to merged (safetensors) or --to vllm, which take any architecture",
-        )
-
-
-def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
-    """HF's rotary layout (halves) to llama.cpp's (interleaved pairs), per head."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (
-        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weights.shape)
-    )
-
-
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def tokenizer_metadata(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
-    """llama.cpp's `gpt2` tokenizer description of a byte-level BPE tokenizer, or a refusal."""
+def tensor_type(quant: str, gguf_name: str, data: np.ndarray) -> Any:
+    """The GGML type a tensor is stored in for `quant` (the built-in writer: f16, q8_0, q4_0)."""
     import gguf
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model, pre, decoder = spec["model"], spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
-    # Only the plain GPT-2 byte-level shape maps onto a llama.cpp pre-tokenizer we can name
-    # with certainty ("gpt-2"); anything else would tokenize differently at runtime.
-    plain_byte_level = (
-        model.get("type") == "BPE"
-        and not model.get("byte_fallback")
-        and spec.get("normalizer") is None
-        and pre.get("type") == "ByteLevel"
-        and pre.get("use_regex", True)
-        and not pre.get("add_prefix_space", False)
-        and decoder.get("type") == "ByteLevel"
-    )
-    if not plain_byte_level:
-        normalizer = (spec.get("normalizer") or {}).get("type")
-        raise ExportError(
-            "GGUF export supports byte-level BPE tokenizers with the GPT-2 pre-tokenizer; this run's tokenizer is "
-            f"model={model.get('type')}, pre_tokenizer={pre.get('type')}, normalizer={normalizer}",
-            fix="export with --to merged or --to vllm",
-        )
-    vocab: dict[str, int] = tokenizer.get_vocab()
-    if len(vocab) > n_vocab:
-        raise ExportError(f"the tokenizer has {len(vocab)} tokens but the model only {n_vocab} embedding rows")
-    by_id = {i: t for t, i in vocab.items()}
-    added = {a["id"]: a for a in spec.get("added_tokens", [])}
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i in added:
-            tokens.append(added[i]["content"])
-            types.append(gguf.TokenType.CONTROL if added[i]["special"] else gguf.TokenType.USER_DEFINED)
-        elif i in by_id:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-        else:  # embedding rows past the tokenizer (padded vocabularies), as llama.cpp names them
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    probe_with = tokenizer("a")["input_ids"]
-    probe_without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    extra = len(probe_with) - len(probe_without)
-    return {
-        "tokens": tokens,
-        "types": types,
-        "merges": merges,
-        "add_bos": extra > 0 and probe_with[0] == tokenizer.bos_token_id,
-        "add_eos": extra > 0 and probe_with[-1] == tokenizer.eos_token_id,
-    }
+    if data.ndim == 1:
+        return gguf.GGMLQuantizationType.F32
+    if quant not in _BLOCK_QUANTS or data.shape[-1] % 32:
+        return gguf.GGMLQuantizationType.F16
+    if quant == "q4_0" and gguf_name in ("token_embd.weight", "output.weight"):
+        # llama.cpp keeps the output projection at 6 bits (Q6_K) for q4 files; the gguf
+        # package cannot write Q6_K, so it stays at 8 bits here.
+        return gguf.GGMLQuantizationType.Q8_0
+    return getattr(gguf.GGMLQuantizationType, _BLOCK_QUANTS[quant])
 
 
-def write_gguf(model: Any, tokenizer: Any, chat_template: str, path: Path, quant: str, *, name: str) -> None:
-    """Write `model` (a merged LlamaForCausalLM) with `tokenizer` and `chat_template` to `path`."""
+def gguf_tensors(model: Any, spec: GgufArch) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(hf name, GGUF name, data as llama.cpp stores it) for every tensor of `model`."""
     import gguf
 
-    check_supported(model)
     config = model.config
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    state = model.state_dict()
-    n_vocab = int(state["model.embed_tokens.weight"].shape[0])
-    tok = tokenizer_metadata(tokenizer, n_vocab)
-
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(f"taskling-{name}")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(n_vocab)
-    if head_dim * n_head != config.hidden_size:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tok["tokens"])
-    writer.add_token_types(tok["types"])
-    writer.add_token_merges(tok["merges"])
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(int(token_id))
-    writer.add_add_bos_token(bool(tok["add_bos"]))
-    writer.add_add_eos_token(bool(tok["add_eos"]))
-    writer.add_chat_template(chat_template)
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, spec.gguf_name.upper()), config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, tensor in state.items():
+    for hf_name, tensor in model.state_dict().items():
         if "rotary_emb" in hf_name or (tied and hf_name == "lm_head.weight"):
             continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ExportError(f"no GGUF tensor name for {hf_name}", fix=f"GGUF export supports {SUPPORTED}")
-        data = tensor.detach().to(torch.float32).cpu().numpy()
-        if hf_name.endswith("self_attn.q_proj.weight"):
-            data = permute(data, n_head, n_head)
-        elif hf_name.endswith("self_attn.k_proj.weight"):
-            data = permute(data, n_head, n_kv)
-        qtype = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else gguf.GGMLQuantizationType.F16
-        # q8_0 packs rows in blocks of 32; a row that does not divide stays f16, as in llama.cpp.
-        if quant == "q8_0" and data.ndim > 1 and data.shape[-1] % 32 == 0:
-            qtype = gguf.GGMLQuantizationType.Q8_0
+        yield hf_name, gguf_name, transform(spec, config, hf_name, tensor.detach().to(torch.float32).cpu().numpy())
+    factors = rope_freq_factors(model)
+    if factors is not None:
+        yield "", gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
+
+
+def write_gguf(model: Any, tokenizer: Any, chat_template: str, path: Path, quant: str, *, name: str) -> None:
+    """Write `model` (a merged model of a supported architecture) with `tokenizer` and `chat_template`."""
+    import gguf
+
+    if quant not in _BLOCK_QUANTS and quant != "f16":
+        raise ExportError(
+            f"the built-in GGUF writer cannot write {quant}: the gguf package has no {quant} quantizer",
+            fix="install llama.cpp (set TASKLING_LLAMA_CPP to its directory) or use --quant f16, q8_0 or q4_0",
+        )
+    spec = arch_for(model)
+    n_vocab = int(model.get_input_embeddings().weight.shape[0])
+    tok = tokenizer_metadata(tokenizer, n_vocab)
+
+    writer = gguf.GGUFWriter(str(path), spec.gguf_name)
+    writer.add_name(f"taskling-{name}")
+    write_hparams(writer, expected_hparams(model, spec))
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[quant]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_tokenizer(writer, tokenizer, tok, chat_template)
+
+    count = 0
+    for _, gguf_name, data in gguf_tensors(model, spec):
+        qtype = tensor_type(quant, gguf_name, data)
         writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        count += 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    log.info("wrote %s (%s, %d tensors)", path.name, quant, len(state) - int(tied))
+    log.info("wrote %s (%s, %s, %d tensors)", path.name, spec.gguf_name, quant, count)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The GGUF file's architecture, chat template, tokenizer size and tensor types, via GGUFReader."""
+    """The GGUF file's architecture, hyperparameters, chat template, tokenizer size and tensor types."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -203,15 +126,86 @@ def read_metadata(path: Path) -> dict[str, Any]:
         found = reader.fields.get(key)
         return None if found is None else found.contents()
 
+    arch = field("general.architecture")
+    rope_freqs = next(
+        (np.array(t.data, dtype=np.float32) for t in reader.tensors if t.name == "rope_freqs.weight"), None
+    )
     return {
-        "architecture": field("general.architecture"),
+        "architecture": arch,
+        "hparams": {k[len(arch) + 1 :]: f.contents() for k, f in reader.fields.items() if k.startswith(f"{arch}.")},
         "file_type": field("general.file_type"),
         "chat_template": field("tokenizer.chat_template"),
         "tokenizer_model": field("tokenizer.ggml.model"),
         "n_tokens": len(field("tokenizer.ggml.tokens") or []),
         "eos_token_id": field("tokenizer.ggml.eos_token_id"),
         "tensors": {t.name: t.tensor_type.name for t in reader.tensors},
+        "rope_freqs": rope_freqs,
     }
+
+
+def check_hparams(path: Path, meta: dict[str, Any], merged: Any) -> dict[str, Any]:
+    """Every hyperparameter llama.cpp reads is what the merged model uses.
+
+    Compared twice: with the table the writer works from, and with the config transformers'
+    GGUF reader builds from the file on its own (for the keys it maps).
+    """
+    from transformers import AutoConfig
+
+    spec = arch_for(merged)
+    if meta["architecture"] != spec.gguf_name:
+        raise ExportError(f"{path.name}: architecture {meta['architecture']!r}, expected {spec.gguf_name!r}")
+    expected = expected_hparams(merged, spec)
+    wrong = {k: (meta["hparams"].get(k), v) for k, v in expected.items() if not _same(meta["hparams"].get(k), v)}
+    parsed = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    fields = ["hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "rms_norm_eps", "max_position_embeddings"]  # fmt: skip
+    if spec.gguf_name == "gemma3":
+        fields.append("sliding_window")
+    wrong |= {
+        f: (getattr(parsed, f), getattr(merged.config, f))
+        for f in fields
+        if not _same(getattr(parsed, f), getattr(merged.config, f))
+    }
+    if not _same(rope_params(parsed)["rope_theta"], rope_params(merged.config)["rope_theta"]):
+        wrong["rope_theta"] = (rope_params(parsed)["rope_theta"], rope_params(merged.config)["rope_theta"])
+    if wrong:
+        raise ExportError(f"{path.name}: hyperparameters read back differ (file, model): {wrong}")
+    llama3 = rope_params(merged.config)["rope_type"] == "llama3"
+    if llama3 != (meta["rope_freqs"] is not None):
+        raise ExportError(f"{path.name}: rope_freqs is {'missing' if llama3 else 'unexpected'} for this rope type")
+    return {"architecture": spec.gguf_name, "hparams": len(expected), "rope_freqs": meta["rope_freqs"] is not None}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(b, float) or isinstance(a, float):
+        return a is not None and b is not None and abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
+    return bool(a == b)
+
+
+def load_as_llamacpp(path: Path, merged: Any, meta: dict[str, Any]) -> Any:
+    """The GGUF's weights decoded by transformers' GGUF loader into the merged model's architecture.
+
+    transformers undoes llama.cpp's q/k permutation and Gemma's norm shift on its own. A
+    `rope_freqs` tensor is applied as llama.cpp applies it (each inverse frequency divided by
+    its factor), on top of the file's plain rope base, so a wrong factor shows in the logits.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    config = copy.deepcopy(merged.config)
+    if meta["rope_freqs"] is not None:
+        config.rope_parameters = {"rope_type": "default", "rope_theta": float(meta["hparams"]["rope.freq_base"])}
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, config=config, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    ).eval()  # fmt: skip
+    if meta["rope_freqs"] is not None:
+        rotary = loaded.model.rotary_emb
+        scaled = rotary.inv_freq / torch.from_numpy(meta["rope_freqs"])
+        rotary.inv_freq = scaled
+        rotary.original_inv_freq = scaled.clone()
+    return loaded
 
 
 def _probe_strings(run: RunInfo, texts: list[str]) -> list[str]:
@@ -239,23 +233,10 @@ def compare_weights(merged: Any, loaded: Any) -> dict[str, Any]:
     return {"max_relative_diff": worst, "worst_tensor": worst_name, "compared": compared}
 
 
-def check_gguf(path: Path, merged: Any, run: RunInfo, quant: str) -> dict[str, Any]:
-    """Read `path` back and compare it with the merged model it was written from."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+def check_tokenizer(path: Path, run: RunInfo, texts: list[str]) -> None:
+    """The tokenizer transformers builds from the file gives the run tokenizer's ids."""
+    from transformers import AutoTokenizer
 
-    from taskling.serve.classifier import Classifier
-
-    meta = read_metadata(path)
-    tied = bool(getattr(merged.config, "tie_word_embeddings", False))
-    expected_tensors = sum(
-        1 for n in merged.state_dict() if "rotary_emb" not in n and not (tied and n == "lm_head.weight")
-    )
-    if meta["architecture"] != "llama" or meta["chat_template"] != run.chat_template:
-        raise ExportError(f"{path.name}: architecture or chat template did not survive the round trip")
-    if len(meta["tensors"]) != expected_tensors:
-        raise ExportError(f"{path.name}: {len(meta['tensors'])} tensors read back, {expected_tensors} written")
-
-    texts = sample_texts(run)
     gguf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     mismatched = [
         s
@@ -267,9 +248,24 @@ def check_gguf(path: Path, merged: Any, run: RunInfo, quant: str) -> dict[str, A
     if mismatched:
         raise ExportError(f"{path.name}: the GGUF tokenizer gives different ids for {mismatched[:3]}")
 
-    loaded = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-    ).eval()
+
+def check_gguf(path: Path, merged: Any, run: RunInfo, quant: str) -> dict[str, Any]:
+    """Read `path` back and compare it with the merged model it was written from."""
+    from taskling.serve.classifier import Classifier
+
+    meta = read_metadata(path)
+    tied = bool(getattr(merged.config, "tie_word_embeddings", False))
+    expected_tensors = sum(
+        1 for n in merged.state_dict() if "rotary_emb" not in n and not (tied and n == "lm_head.weight")
+    ) + int(rope_freq_factors(merged) is not None)
+    if meta["chat_template"] != run.chat_template:
+        raise ExportError(f"{path.name}: the chat template did not survive the round trip")
+    if len(meta["tensors"]) != expected_tensors:
+        raise ExportError(f"{path.name}: {len(meta['tensors'])} tensors read back, {expected_tensors} expected")
+    hparams = check_hparams(path, meta, merged)
+    texts = sample_texts(run)
+    check_tokenizer(path, run, texts)
+    loaded = load_as_llamacpp(path, merged, meta)
     weights = compare_weights(merged, loaded)
     if weights["max_relative_diff"] > WEIGHT_TOLERANCE[quant]:
         raise ExportError(
@@ -298,6 +294,7 @@ def check_gguf(path: Path, merged: Any, run: RunInfo, quant: str) -> dict[str, A
         raise ExportError(f"{path.name}: the f16 GGUF changes clear answers: {labels['disagreements']}")
     return {
         "quant": quant,
+        **hparams,
         "file_type": meta["file_type"],
         "tensors": len(meta["tensors"]),
         "tensor_types": sorted(set(meta["tensors"].values())),

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -352,8 +352,14 @@ class Extractor:
         self.decoder = ConstrainedDecoder(model, fmt, device)
         self.version = version
 
-    def extract(self, texts: Sequence[str]) -> list[Extraction]:
-        return [self.decoder.decode(t) for t in texts]
+    def extract(self, texts: Sequence[str], *, progress: Callable[[int, int], None] | None = None) -> list[Extraction]:
+        """One record per text, in order; `progress(done, total)` after each."""
+        out = []
+        for text in texts:
+            out.append(self.decoder.decode(text))
+            if progress is not None:
+                progress(len(out), len(texts))
+        return out
 
     def __call__(self, text: str) -> Extraction:
         return self.decoder.decode(text)

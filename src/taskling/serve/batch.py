@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,9 +120,11 @@ def _is_null(pd: Any, value: Any) -> bool:
         return False
 
 
-def add_predictions(clf: Any, frame: Any, texts: list[str], batch_size: int) -> Any:
+def add_predictions(
+    clf: Any, frame: Any, texts: list[str], batch_size: int, progress: Callable[[int, int], None] | None = None
+) -> Any:
     """`frame` with the result columns appended (a copy; input order kept)."""
-    preds = clf.predict(texts, batch_size=batch_size)
+    preds = clf.predict(texts, batch_size=batch_size, **({"progress": progress} if progress else {}))
     out = frame.copy()
     for column in RESULT_COLUMNS:
         if column in out.columns:  # results win over an input column of the same name
@@ -217,11 +219,13 @@ def predict_batch(
     batch_size: int = 32,
     workers: int | None = None,
     threads: int | None = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
     """Classify every row of `input_path` and write `output_path` (see the module docstring).
 
     `workers` is the number of Ray actors (default: the cluster's CPUs / `threads`);
-    `threads` the torch threads per classifier.
+    `threads` the torch threads per classifier. `progress(done, total)` is called as rows
+    are classified by the local engine (Ray Data shows its own progress).
     """
     if engine not in ENGINES:
         raise TasklingError(f"unknown engine {engine!r}", fix=f"use one of {', '.join(ENGINES)}")
@@ -234,7 +238,7 @@ def predict_batch(
     writer = TableWriter(output_path)
     try:
         if engine == "local":
-            frames = _local_frames(run_dir, input_path, text_field, batch_size, threads)
+            frames = _local_frames(run_dir, input_path, text_field, batch_size, threads, progress)
         else:
             frames = _ray_frames(run_dir, input_path, text_field, batch_size, workers, threads)
         for frame in frames:
@@ -249,14 +253,19 @@ def predict_batch(
 
 
 def _local_frames(
-    run_dir: str | Path, path: Path, text_field: str, batch_size: int, threads: int | None
+    run_dir: str | Path,
+    path: Path,
+    text_field: str,
+    batch_size: int,
+    threads: int | None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[Any]:
     from taskling.serve.classifier import Classifier
 
     frame = read_table(path)
     texts = check_texts(frame, text_field, path)
     clf = Classifier.from_run(run_dir, threads=threads)
-    yield add_predictions(clf, frame, texts, batch_size)
+    yield add_predictions(clf, frame, texts, batch_size, progress)
 
 
 class RayPredictor:

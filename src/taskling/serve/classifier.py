@@ -22,6 +22,9 @@ Speed, without changing a single probability:
   is computed; results come back in input order.
 - **Merged adapters.** `from_run` merges the LoRA weights into the base (`merge=True`).
 - Only the LM-head rows of the tokens allowed at a branching point are ever multiplied.
+- **Static shapes** (on by default on CUDA): a batch is padded to a bucket of rows and of
+  width (powers of two), so a handful of shapes recur and kernels, allocator blocks and
+  compiled graphs are reused; the padding is masked, so the probabilities do not change.
 
 Long texts keep their first tokens so the prompt fits `max_length` (`ChatFormat.prompt_ids`).
 
@@ -35,7 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +128,11 @@ class LabelTrie:
         return trie
 
 
+def shape_bucket(n: int) -> int:
+    """The static size for `n` rows or tokens: the next power of two, at least 8."""
+    return max(8, 1 << (n - 1).bit_length())
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> list[int]:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -192,6 +200,7 @@ class Classifier:
         prefix_cache: bool = True,
         adapter: str | None = None,
         version: str = "unversioned",
+        static_shapes: bool | None = None,
     ) -> None:
         self.model = model
         self.fmt = fmt
@@ -199,6 +208,7 @@ class Classifier:
         self.device = device or default_device()
         self.adapter = adapter
         self.version = version
+        self.static_shapes = torch.device(self.device).type == "cuda" if static_shapes is None else static_shapes
         self.trie = LabelTrie.build(fmt.label_sequences)
         self._decoder = model.get_decoder()
         self._dtype = next(model.parameters()).dtype
@@ -250,13 +260,13 @@ class Classifier:
 
     # ------------------------------------------------------------ scoring
 
-    def _batch_inputs(self, suffixes: Sequence[list[int]], offset: int) -> dict[str, Any]:
+    def _batch_inputs(self, suffixes: Sequence[list[int]], offset: int, width: int = 0) -> dict[str, Any]:
         """Left-padded suffixes then the trie inputs, with positions and a 4D mask.
 
         `offset` is the length of the cached prefix in front of every row (0 without it):
         keys are `[prefix][padding + suffix][trie inputs]`, queries are the last two parts.
         """
-        width = max(len(s) for s in suffixes)
+        width = max(width, *(len(s) for s in suffixes))
         nodes = self.trie.inputs
         total = width + len(nodes)
         pad = self.fmt.tokenizer.pad_token_id
@@ -302,10 +312,15 @@ class Classifier:
 
     def _score(self, prompts: Sequence[list[int]], cached: bool) -> torch.Tensor:
         offset = len(self._prefix) if cached else 0
-        batch = self._batch_inputs([p[offset:] for p in prompts], offset)
+        suffixes = [p[offset:] for p in prompts]
+        width = 0
+        if self.static_shapes:  # extra rows repeat the first; extra width is masked left padding
+            suffixes += [suffixes[0]] * (shape_bucket(len(suffixes)) - len(suffixes))
+            width = shape_bucket(max(len(s) for s in suffixes))
+        batch = self._batch_inputs(suffixes, offset, width)
         width = batch.pop("width")
         if cached:
-            batch["past_key_values"] = self._cache_for(len(prompts))
+            batch["past_key_values"] = self._cache_for(len(suffixes))
         hidden = self._decoder(**batch, use_cache=cached).last_hidden_state
         logps = []
         for (node, _), rows in zip(self.trie.branches, self._branch_rows, strict=True):
@@ -314,7 +329,7 @@ class Classifier:
             if self._cap:
                 logits = torch.tanh(logits / self._cap) * self._cap
             logps.append(torch.log_softmax(logits, dim=-1))
-        return torch.cat(logps, dim=-1).cpu() @ self._select
+        return torch.cat(logps, dim=-1)[: len(prompts)].cpu() @ self._select
 
     def _uses_prefix(self, prompt: list[int]) -> bool:
         n = len(self._prefix)
@@ -335,8 +350,12 @@ class Classifier:
                 out[rows] = self._score([prompts[i] for i in rows], cached)
         return out
 
-    def predict(self, texts: Sequence[str], *, batch_size: int = 32) -> list[Prediction]:
-        """Classify `texts`; batches are length-bucketed and the input order is kept."""
+    def predict(
+        self, texts: Sequence[str], *, batch_size: int = 32, progress: Callable[[int, int], None] | None = None
+    ) -> list[Prediction]:
+        """Classify `texts`; batches are length-bucketed and the input order is kept.
+
+        `progress(done, total)` is called after each batch."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         results: list[Prediction | None] = [None] * len(texts)
         labels = self.task.labels
@@ -346,6 +365,8 @@ class Classifier:
             for i, row in zip(chunk, probs.tolist(), strict=True):
                 best = max(range(len(labels)), key=row.__getitem__)
                 results[i] = Prediction(texts[i], labels[best], row[best], dict(zip(labels, row, strict=True)))
+            if progress is not None:
+                progress(start + len(chunk), len(texts))
         return [r for r in results if r is not None]
 
     def __call__(self, text: str) -> Prediction:

@@ -4,12 +4,18 @@ Requests go into a bounded queue; one worker thread takes up to `max_batch` text
 arrives within `max_wait_ms` of the first), classifies them in one batch per adapter, and
 hands the rows to the prediction log. A request's future resolves with an `Outcome` whose
 `logged` future resolves once its rows are committed. A full queue raises `Overloaded`.
+
+Classification adapters answer `Prediction`s; extraction runs (`extractors`) answer
+`Extraction`s, one schema-valid record per text, logged with the record's JSON as the label.
+With `count_tokens`, the outcome also carries each text's prompt and answer token counts
+(the OpenAI `usage` field); they are counted on the worker thread, which owns the tokenizer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -18,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from taskling.extract.extractor import Extraction, Extractor
 from taskling.serve.classifier import Classifier, Prediction, set_threads
 from taskling.serve.predlog import LogRow, PredictionLog
 from taskling.serve.settings import ServeSettings
@@ -37,6 +44,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     enqueued: float = field(default_factory=time.perf_counter)
+    count_tokens: bool = False
 
 
 @dataclass
@@ -45,6 +53,9 @@ class Outcome:
     version: str
     latency_ms: float
     logged: Future[int]
+    extractions: list[Extraction] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)  # per text, with count_tokens
+    completion_tokens: list[int] = field(default_factory=list)  # the answer's tokens, end-of-turn included
 
 
 class Metrics:
@@ -79,8 +90,16 @@ class Metrics:
 class Engine:
     """The bounded queue, the batching worker thread and the prediction log."""
 
-    def __init__(self, classifiers: dict[str, Classifier], plog: PredictionLog, settings: ServeSettings) -> None:
+    def __init__(
+        self,
+        classifiers: dict[str, Classifier],
+        plog: PredictionLog,
+        settings: ServeSettings,
+        extractors: dict[str, Extractor] | None = None,
+    ) -> None:
         self.classifiers = classifiers
+        self.extractors = extractors or {}
+        self.loaded_at = int(time.time())
         self.plog = plog
         self.settings = settings
         self.metrics = Metrics()
@@ -96,8 +115,14 @@ class Engine:
         self._thread.join(timeout=30)
         self.plog.close()
 
-    def submit(self, adapter: str, texts: list[str]) -> Job:
-        job = Job(adapter, texts, asyncio.get_running_loop().create_future(), asyncio.get_running_loop())
+    @property
+    def names(self) -> list[str]:
+        """Every served adapter name, classification runs first."""
+        return [*self.classifiers, *self.extractors]
+
+    def submit(self, adapter: str, texts: list[str], count_tokens: bool = False) -> Job:
+        loop = asyncio.get_running_loop()
+        job = Job(adapter, texts, loop.create_future(), loop, count_tokens=count_tokens)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -139,6 +164,9 @@ class Engine:
                         job.loop.call_soon_threadsafe(settle, job.future, None, err)
 
     def _run(self, adapter: str, jobs: list[Job]) -> None:
+        if adapter in self.extractors:
+            self._run_extraction(adapter, jobs)
+            return
         clf = self.classifiers[adapter]
         texts = [t for job in jobs for t in job.texts]
         self.metrics.batch.observe(len(texts))
@@ -159,6 +187,30 @@ class Engine:
                 self.metrics.predictions.labels(adapter, p.label).inc()
             self.metrics.latency.observe(latency_ms / 1000)
             outcome = Outcome(mine, clf.version, latency_ms, self.plog.submit(rows))
+            if job.count_tokens:
+                outcome.prompt_tokens = [len(clf.fmt.prompt_ids(p.text)) for p in mine]
+                outcome.completion_tokens = [len(clf.fmt.answer_ids(p.label)) for p in mine]
+            job.loop.call_soon_threadsafe(settle, job.future, outcome, None)
+
+    def _run_extraction(self, adapter: str, jobs: list[Job]) -> None:
+        ext = self.extractors[adapter]
+        self.metrics.batch.observe(sum(len(job.texts) for job in jobs))
+        for job in jobs:  # the constrained decoder takes one text at a time
+            found = ext.extract(job.texts)
+            latency_ms = (time.perf_counter() - job.enqueued) * 1000
+            rows = []
+            for e in found:
+                joint = math.prod(e.confidence.values())
+                answer = ext.task.render(e.record)
+                rows.append(
+                    LogRow(job.request_id, adapter, ext.version, e.text, answer, joint, e.confidence, latency_ms)
+                )
+                self.metrics.predictions.labels(adapter, "valid" if e.valid else "invalid").inc()
+            self.metrics.latency.observe(latency_ms / 1000)
+            outcome = Outcome([], ext.version, latency_ms, self.plog.submit(rows), extractions=found)
+            if job.count_tokens:
+                outcome.prompt_tokens = [len(ext.fmt.prompt_ids(e.text)) for e in found]
+                outcome.completion_tokens = [len(ext.fmt.answer_ids(e.record)) for e in found]
             job.loop.call_soon_threadsafe(settle, job.future, outcome, None)
 
 

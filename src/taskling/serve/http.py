@@ -58,13 +58,24 @@ class StatusCounter:
         self.app = app
         self.count = count
         self.endpoints = set(endpoints)
+        # `/v1/models/{model}`: any one path segment after the prefix counts as that endpoint.
+        self.templates = {e[: e.index("{")]: e for e in endpoints if e.endswith("}") and "{" in e}
+
+    def endpoint(self, path: str) -> str:
+        if path in self.endpoints:
+            return path
+        for prefix, template in self.templates.items():
+            rest = path[len(prefix) :]
+            if path.startswith(prefix) and rest and "/" not in rest:
+                return template
+        return "other"
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         # Unknown paths share one label, so a scanner cannot grow the metrics without bound.
-        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        endpoint = self.endpoint(scope["path"])
         started = False
 
         async def counting_send(message: dict[str, Any]) -> None:

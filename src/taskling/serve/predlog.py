@@ -33,21 +33,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    Column,
-    Engine,
-    Float,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    create_engine,
-    delete,
-    event,
-    insert,
-    select,
-)
+from taskling.extras import needs
+
+with needs("serve"):  # the prediction log is part of the `serve` extra
+    from sqlalchemy import (
+        Column,
+        Engine,
+        Float,
+        Integer,
+        MetaData,
+        String,
+        Table,
+        Text,
+        create_engine,
+        delete,
+        event,
+        insert,
+        select,
+    )
 
 from taskling.errors import TasklingError
 from taskling.io import atomic_write

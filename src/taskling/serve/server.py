@@ -5,8 +5,11 @@ directory inside it as a named adapter on the same base model) and answers:
 
 - `POST /v1/classify`: `{"text": ...}` or `{"texts": [...]}`, optional `"adapter"`; returns
   label, probabilities, model version, latency and a request id.
-- `POST /v1/chat/completions`: OpenAI-compatible; the last user message is classified by
-  the adapter named in `model`, and the assistant's answer is always one label of its set.
+- `POST /v1/extract`: the same shape for extraction runs; one schema-valid record per text.
+- `POST /v1/chat/completions`: OpenAI-compatible; the last user message is answered by
+  the adapter named in `model`: one label of its set, or (extraction) the record as JSON
+  text. `usage`, `logprobs`, `n` and `stream` as `openai_compat.py` says.
+- `GET /v1/models` and `GET /v1/models/{model}`: the served adapters, OpenAI's list shape.
 - `GET /healthz` (no key needed) and `GET /metrics` (Prometheus; every answered status counted).
 
 The batching engine (`engine.py`) answers a request only after its rows are committed to
@@ -21,24 +24,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from taskling.extras import needs
+
+with needs("serve"):  # the server is the `serve` extra: a clear error without it
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from pydantic import BaseModel, ConfigDict
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from taskling.data.load import is_unicode
-from taskling.errors import RunError
-from taskling.rundir import RunDir, read_manifest
-from taskling.serve.classifier import load_adapters
+from taskling.errors import ConfigError, RunError
+from taskling.extract.extractor import Extractor
+from taskling.rundir import CLASSIFICATION, EXTRACTION, RunDir, read_manifest
+from taskling.serve.classifier import load_adapters, set_threads
 from taskling.serve.engine import Engine, Job, Outcome, Overloaded
 from taskling.serve.http import ApiKey, BodyLimit, StatusCounter, error_body
+from taskling.serve.openai_compat import (
+    IGNORED_HEADER,
+    ChatRequest,
+    chat_completion,
+    chat_stream,
+    ignored_fields,
+    last_user_text,
+    model_card,
+    model_list,
+    system_prompt_of,
+)
 from taskling.serve.predlog import PredictionLog, default_url, redact
 from taskling.serve.settings import (
     ADAPTER_NAME,
@@ -52,13 +70,21 @@ from taskling.serve.settings import (
 log = logging.getLogger(__name__)
 
 __all__ = ["ADAPTER_NAME", "ServeSettings", "build_engine", "check_exposure", "create_app", "discover_runs", "serve"]
-ENDPOINTS = ("/v1/classify", "/v1/chat/completions", "/healthz", "/metrics")
+ENDPOINTS = (
+    "/v1/classify",
+    "/v1/extract",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/v1/models/{model}",
+    "/healthz",
+    "/metrics",
+)
 
 
 def discover_runs(run_dir: Path, settings: ServeSettings) -> dict[str, Path]:
     """RUN_DIR under `settings.name`, plus every run directory directly inside `adapters_dir`.
 
-    Each must be a finished classification run (checked here, before any model loads).
+    Each must be a finished classification or extraction run (checked here, before any model loads).
     """
     check_name(settings.name)
     runs = {settings.name: run_dir}
@@ -76,7 +102,12 @@ def discover_runs(run_dir: Path, settings: ServeSettings) -> dict[str, Path]:
                 raise RunError(f"adapter name {child.name!r} is used twice", fix=f"rename {child}")
             runs[child.name] = child
     for path in runs.values():
-        read_manifest(path)  # a RunError naming the run if it is unfinished or not a classifier
+        kind = read_manifest(path, kind=None).get("kind", CLASSIFICATION)  # a RunError if unfinished
+        if kind not in (CLASSIFICATION, EXTRACTION):
+            raise RunError(
+                f"{path} is a {kind} run; only classification and extraction runs are served",
+                fix=f"move {path} out of the served runs",
+            )
     return runs
 
 
@@ -85,15 +116,6 @@ class ClassifyRequest(BaseModel):
     text: str | None = None
     texts: list[str] | None = None
     adapter: str | None = None
-
-
-class ChatRequest(BaseModel):
-    # OpenAI clients send many optional fields; unknown ones are accepted and ignored.
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    messages: list[dict[str, Any]]
-    stream: bool = False
-    n: int = 1
 
 
 class Api:
@@ -107,9 +129,17 @@ class Api:
         name = name or self.settings.name
         if not ADAPTER_NAME.match(name):
             raise HTTPException(400, f"adapter names are {ADAPTER_NAME_RULE}")
-        if name not in self.engine.classifiers:
-            raise HTTPException(404, f"no adapter named {name!r}; serving: {', '.join(self.engine.classifiers)}")
+        if name not in self.engine.names:
+            raise HTTPException(404, f"no adapter named {name!r}; serving: {', '.join(self.engine.names)}")
         return name
+
+    def require(self, name: str, kind: str) -> None:
+        """A 400 when the adapter is not of `kind` (a classifier asked to extract, or the reverse)."""
+        found = EXTRACTION if name in self.engine.extractors else CLASSIFICATION
+        if found != kind:
+            route = "/v1/extract" if found == EXTRACTION else "/v1/classify"
+            kind_of = "an extraction" if found == EXTRACTION else "a classification"
+            raise HTTPException(400, f"adapter {name!r} is {kind_of} run: use {route} or /v1/chat/completions")
 
     def check_texts(self, texts: list[str]) -> None:
         limits = self.settings
@@ -124,10 +154,10 @@ class Api:
             self.engine.metrics.rejected.labels("too_large").inc()
             raise HTTPException(413, f"a text is over {limits.max_text_chars} characters")
 
-    async def classify(self, adapter: str, texts: list[str]) -> tuple[Job, Outcome]:
+    async def answer(self, adapter: str, texts: list[str], count_tokens: bool = False) -> tuple[Job, Outcome]:
         self.check_texts(texts)
         try:
-            job = self.engine.submit(adapter, texts)
+            job = self.engine.submit(adapter, texts, count_tokens)
         except Overloaded:
             retry = {"Retry-After": str(self.settings.retry_after_s)}
             raise HTTPException(503, "the queue is full; retry shortly", headers=retry) from None
@@ -191,32 +221,59 @@ def add_error_handlers(app: FastAPI) -> None:
 def add_routes(app: FastAPI, api: Api) -> None:
     engine = api.engine
 
-    @app.post("/v1/classify")
-    async def classify(req: ClassifyRequest) -> dict[str, Any]:
-        adapter = api.pick(req.adapter)
-        texts = ([req.text] if req.text is not None else []) + list(req.texts or [])
-        job, out = await api.classify(adapter, texts)
+    def texts_of(req: ClassifyRequest) -> list[str]:
+        return ([req.text] if req.text is not None else []) + list(req.texts or [])
+
+    def head(job: Job, adapter: str, out: Outcome) -> dict[str, Any]:
         return {
             "request_id": job.request_id,
             "adapter": adapter,
             "model_version": out.version,
             "latency_ms": round(out.latency_ms, 3),
-            "results": [
-                {"label": p.label, "probability": p.probability, "probabilities": p.probabilities}
-                for p in out.predictions
-            ],
         }
 
+    @app.post("/v1/classify")
+    async def classify(req: ClassifyRequest) -> dict[str, Any]:
+        adapter = api.pick(req.adapter)
+        api.require(adapter, CLASSIFICATION)
+        job, out = await api.answer(adapter, texts_of(req))
+        results = [
+            {"label": p.label, "probability": p.probability, "probabilities": p.probabilities} for p in out.predictions
+        ]
+        return head(job, adapter, out) | {"results": results}
+
+    @app.post("/v1/extract")
+    async def extract(req: ClassifyRequest) -> dict[str, Any]:
+        adapter = api.pick(req.adapter)
+        api.require(adapter, EXTRACTION)
+        job, out = await api.answer(adapter, texts_of(req))
+        results = [{"record": e.record, "confidence": e.confidence, "valid": e.valid} for e in out.extractions]
+        return head(job, adapter, out) | {"results": results}
+
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> dict[str, Any]:
-        if req.stream or req.n != 1:
-            raise HTTPException(400, "stream and n>1 are not supported: the answer is a single label")
+    async def chat(req: ChatRequest) -> Response:
+        problem = req.problem()
+        if problem is not None:
+            raise HTTPException(400, problem)
         adapter = api.pick(req.model)
         text = last_user_text(req.messages)
         if text is None:
             raise HTTPException(400, "the messages hold no user message with text")
-        job, out = await api.classify(adapter, [text])
-        return chat_completion(job, out, adapter)
+        job, out = await api.answer(adapter, [text], count_tokens=True)
+        ignored = ignored_fields(req, system_prompt_of(engine, adapter))
+        headers = {IGNORED_HEADER: ", ".join(ignored)} if ignored else None
+        if req.stream:
+            events = chat_stream(job.request_id, adapter, out, req, ignored)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return JSONResponse(chat_completion(job.request_id, adapter, out, req, ignored), headers=headers)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return model_list(engine)
+
+    @app.get("/v1/models/{model}")
+    async def model(model: str) -> dict[str, Any]:
+        return model_card(engine, api.pick(model))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -229,63 +286,29 @@ def add_routes(app: FastAPI, api: Api) -> None:
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def chat_completion(job: Job, out: Outcome, adapter: str) -> dict[str, Any]:
-    """An OpenAI chat.completion whose assistant message is the predicted label."""
-    pred = out.predictions[0]
-    return {
-        "id": f"chatcmpl-{job.request_id}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": adapter,
-        "system_fingerprint": out.version,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": pred.label},
-                "finish_reason": "stop",
-                "logprobs": None,
-            }
-        ],
-        "taskling": {
-            "probabilities": pred.probabilities,
-            "model_version": out.version,
-            "latency_ms": round(out.latency_ms, 3),
-        },
-    }
-
-
-def last_user_text(messages: list[dict[str, Any]]) -> str | None:
-    """The last user turn's text; OpenAI content parts of type text are joined."""
-    for message in reversed(messages):
-        if message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            return content
-        if isinstance(content, list):
-            parts = [
-                p["text"]
-                for p in content
-                if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-            ]
-            return "\n".join(parts)
-    return None
-
-
 def build_engine(run_dir: str | Path, settings: ServeSettings) -> Engine:
     """Check the settings and runs, load every adapter on one base, and open the prediction log."""
     check_settings(settings)
     runs = discover_runs(Path(run_dir), settings)
-    classifiers = load_adapters(
-        dict(runs),
-        dtype=settings.dtype,
-        threads=settings.threads,
-        quantize=settings.quantize,
+    extracting = {name: path for name, path in runs.items() if RunDir(path).kind() == EXTRACTION}
+    classifying: dict[str, str | Path] = {name: path for name, path in runs.items() if name not in extracting}
+    if extracting and settings.quantize:
+        raise ConfigError(
+            f"--quantize {settings.quantize} applies to classification runs; {', '.join(extracting)} extract",
+            fix="serve the extraction runs without --quantize (or from a server of their own)",
+        )
+    set_threads(settings.threads)
+    classifiers = (
+        load_adapters(classifying, dtype=settings.dtype, threads=settings.threads, quantize=settings.quantize)
+        if classifying
+        else {}
     )
+    # Each extraction run loads its own merged copy of its base (they are not peft-switched).
+    extractors = {name: Extractor.from_run(path, dtype=settings.dtype) for name, path in extracting.items()}
     url = settings.log_url or default_url(run_dir)
     plog = PredictionLog(url, retain_days=settings.retain_days)
-    log.info("serving %s; logging predictions to %s", ", ".join(classifiers), redact(url))
-    return Engine(classifiers, plog, settings)
+    log.info("serving %s; logging predictions to %s", ", ".join(runs), redact(url))
+    return Engine(classifiers, plog, settings, extractors)
 
 
 def serve(run_dir: str | Path, settings: ServeSettings, on_ready: Callable[[], None] | None = None) -> None:

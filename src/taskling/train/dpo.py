@@ -30,7 +30,7 @@ import logging
 import math
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -229,6 +229,7 @@ def _dpo_steps(
     beta: float,
     lr: float,
     seed: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """`total` optimizer steps of DPO; the history of loss and reward accuracy per step."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -254,6 +255,8 @@ def _dpo_steps(
                     }
                 )
                 log.info("dpo step %d/%d: loss %.4f", len(history), total, history[-1]["loss"])
+                if progress is not None:
+                    progress(len(history), total)
                 if request.requested:
                     raise TrainingInterrupted(
                         f"DPO stopped by {request.signal_name} at step {len(history)} of {total}; "
@@ -276,8 +279,11 @@ def dpo(
     batch_size: int = 4,
     max_steps: int | None = None,
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DPOResult:
-    """Refine the run's adapter on preference pairs; writes a new run directory (default RUN_DIR-dpo)."""
+    """Refine the run's adapter on preference pairs; writes a new run directory (default RUN_DIR-dpo).
+
+    `progress(step, total)` is called after each optimizer step."""
     run_dir, pairs_path = Path(run_dir), Path(pairs_path)
     kind = run_kind(run_dir)
     manifest = read_json(RunDir(run_dir).manifest)
@@ -302,7 +308,7 @@ def dpo(
     with torch.no_grad():
         ref = [(float(logps([i], 1)[0]), float(logps([i], 2)[0])) for i in range(len(rows))]
     total = max_steps or max(1, math.ceil(math.ceil(len(rows) / batch_size) * epochs))
-    history = _dpo_steps(model, logps, ref, total, batch_size, beta, learning_rate, seed)
+    history = _dpo_steps(model, logps, ref, total, batch_size, beta, learning_rate, seed, progress)
     with torch.no_grad():
         after = [float(logps([i], 1)[0] - logps([i], 2)[0]) - (ref[i][0] - ref[i][1]) for i in range(len(rows))]
     _write_run(run_dir, out, model, manifest, pairs_path, len(rows), history, beta, learning_rate)

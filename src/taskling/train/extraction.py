@@ -31,7 +31,7 @@ from taskling.extract.schema import (
     write_records,
 )
 from taskling.io import write_json, write_jsonl, write_text
-from taskling.model.loader import load_model, load_tokenizer, pick_dtype, resolve_base
+from taskling.model.loader import load_tokenizer, resolve_base
 from taskling.rundir import EXTRACTION, RunDir
 from taskling.train.checkpoint import TrainState
 from taskling.train.loop import (
@@ -44,6 +44,7 @@ from taskling.train.loop import (
     train_loop,
 )
 from taskling.train.resume import clear_run
+from taskling.train.speed import Levers, load_training_base
 from taskling.version import __version__
 
 log = logging.getLogger(__name__)
@@ -95,11 +96,14 @@ def train_extraction(config: ExtractionConfig, *, progress: ProgressFn | None = 
         write_json(run.manifest, run_manifest(config, base_path, fmt, train_ex, val_ex, loaded))
     accelerator.wait_for_everyone()
 
-    model = lora_model(load_model(base_path, pick_dtype(config.model.dtype), accelerator.device), config.lora)
+    model = lora_model(load_training_base(config.model, base_path, accelerator.device), config.lora)
     train_rows = [fmt.training_ids(ex.text, ex.record) for ex in train_ex]
     val_rows = [fmt.training_ids(ex.text, ex.record) for ex in val_ex]
     pad_id = tokenizer.pad_token_id
-    loop = build_loop(settings, model, run.root, train_rows, val_rows, pad_id, accelerator, checkpoints=False)
+    levers = Levers.resolve(settings, config.model, world=accelerator.num_processes)
+    loop = build_loop(
+        settings, model, run.root, train_rows, val_rows, pad_id, accelerator, checkpoints=False, levers=levers
+    )
     return train_loop(loop, TrainState(), skipped_rows=len(loaded.bad_rows), progress=progress)
 
 

@@ -42,7 +42,9 @@ from taskling.train.checkpoint import (
     save_adapter,
     save_checkpoint,
 )
-from taskling.train.loss import AnswerLoss, Row, batches, collate, validation_loss
+from taskling.train.loss import AnswerLoss, Row, answer_tokens, batches, collate, pack, validation_loss
+from taskling.train.speed import Levers, apply_model_levers, search_micro_batch
+from taskling.train.tracking import Trackers, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,10 @@ class Loop:
     micro_per_epoch: int
     eval_every: int
     checkpoints: bool  # False for extract-train, which always starts over
+    levers: Levers | None = None  # packing, micro-batch splitting (train/speed.py)
+    chunk_rows: int = 0  # rows per forward pass when the micro-batch search split it; 0: all at once
     history: IO[str] | None = None
+    tracker: Trackers | None = None  # `train.report_to`, on the main process
     _epoch_batches: tuple[int, list[list[int]]] = field(default=(-1, []))
 
     main = property(lambda self: bool(self.accelerator.is_main_process))
@@ -180,14 +185,24 @@ class Loop:
             self._epoch_batches = (epoch, batches(self.train_rows, self.settings.batch_size, self.settings.seed, epoch))
         return self._epoch_batches[1][position]
 
-    def micro_batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        """This process's share of a global batch. A process left without rows still runs
-        a forward pass (DDP needs every process in every step), on a row whose targets are masked."""
+    def to_batch(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        """Rows as one padded batch, or packed end to end without padding (`train.packing`)."""
+        if self.levers is not None and self.levers.packing:
+            return pack(rows, self.pad_id, self.device, self.levers.pack_capacity)
+        return collate(rows, self.pad_id, self.device)
+
+    def micro_batches(self, idx: list[int]) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """This process's share of a global batch (in pieces of `chunk_rows` rows) and its token count.
+        A process left without rows still runs a forward pass (DDP needs every process in every
+        step), on a row whose targets are masked."""
         mine = idx[self.rank :: self.world]
-        if mine:
-            return collate([self.train_rows[i] for i in mine], self.pad_id, self.device)
-        ids, _ = self.train_rows[idx[0]]
-        return collate([(ids, [-100] * len(ids))], self.pad_id, self.device)
+        if not mine:
+            ids, _ = self.train_rows[idx[0]]
+            return [collate([(ids, [-100] * len(ids))], self.pad_id, self.device)], 0
+        rows = [self.train_rows[i] for i in mine]
+        size = self.chunk_rows or len(rows)
+        pieces = [self.to_batch(rows[i : i + size]) for i in range(0, len(rows), size)]
+        return pieces, sum(len(ids) for ids, _ in rows)
 
 
 def build_loop(
@@ -200,6 +215,7 @@ def build_loop(
     accelerator: Any,
     *,
     checkpoints: bool = True,
+    levers: Levers | None = None,
 ) -> Loop:
     """The optimizer (AdamW), the schedule and the step counts for training `model` on `train_rows`."""
     from transformers import get_scheduler
@@ -212,6 +228,8 @@ def build_loop(
     micro_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / settings.gradient_accumulation)
     total_steps = settings.max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
+    levers = levers or Levers.resolve(settings, world=accelerator.num_processes)
+    apply_model_levers(model, levers)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(
@@ -220,7 +238,7 @@ def build_loop(
         num_warmup_steps=int(settings.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    return Loop(
+    loop = Loop(
         settings=settings,
         run=RunDir(run_dir),
         model=model,
@@ -236,7 +254,11 @@ def build_loop(
         micro_per_epoch=micro_per_epoch,
         eval_every=settings.eval_every or steps_per_epoch,
         checkpoints=checkpoints,
+        levers=levers,
     )
+    if levers.auto_batch:
+        loop.chunk_rows = search_micro_batch(loop.objective, optimizer, train_rows, settings.batch_size, loop.to_batch)
+    return loop
 
 
 def iter_history(run_dir: str | Path) -> Iterator[dict[str, Any]]:
@@ -281,23 +303,37 @@ def log_history(loop: Loop, record: dict[str, Any]) -> None:
     if loop.history is not None:
         loop.history.write(json.dumps(record) + "\n")
         loop.history.flush()
+    if loop.tracker is not None:
+        loop.tracker.log_record(record)
+
+
+def micro_step(loop: Loop, idx: list[int]) -> tuple[float, int]:
+    """Forward and backward over this process's rows of one micro-batch: (loss, tokens)."""
+    acc, world = loop.accelerator, loop.world
+    pieces, tokens = loop.micro_batches(idx)
+    count = torch.tensor(float(sum(answer_tokens(b) for b in pieces)), device=loop.device)
+    total = float(acc.reduce(count, "sum") if world > 1 else count)
+    # Normalised by the answer tokens of all processes; DDP averages gradients over
+    # processes, hence the factor `world`.
+    scale = world / max(total, 1.0) / loop.settings.gradient_accumulation
+    loss_sum = torch.zeros((), device=loop.device)
+    for batch in pieces:
+        piece_sum, _ = loop.objective(**batch)
+        acc.backward(piece_sum * scale)
+        loss_sum += piece_sum.detach().float()
+    batch_loss = loss_sum / max(total, 1.0)
+    return float(acc.reduce(batch_loss, "sum") if world > 1 else batch_loss), tokens
 
 
 def train_step(loop: Loop, state: TrainState) -> float:
     """One optimizer step over `gradient_accumulation` micro-batches; advances `state`, returns the loss."""
-    settings, acc, world = loop.settings, loop.accelerator, loop.world
+    settings, world = loop.settings, loop.world
     running = 0.0
     for _ in range(settings.gradient_accumulation):
         epoch = state.epoch
-        batch = loop.micro_batch(loop.batch_indices(state.epoch, state.position))
-        loss_sum, count = loop.objective(**batch)
-        total = float(acc.reduce(count.detach().clone(), "sum") if world > 1 else count)
-        # Normalised by the answer tokens of all processes; DDP averages gradients over
-        # processes, hence the factor `world`.
-        acc.backward(loss_sum * (world / max(total, 1.0) / settings.gradient_accumulation))
-        batch_loss = loss_sum.detach() / max(total, 1.0)
-        running += float(acc.reduce(batch_loss, "sum") if world > 1 else batch_loss)
-        state.tokens_seen += int(batch["attention_mask"].sum()) * world
+        loss, tokens = micro_step(loop, loop.batch_indices(state.epoch, state.position))
+        running += loss
+        state.tokens_seen += tokens * world
         state.position += 1
         if state.position == loop.micro_per_epoch:
             state.epoch, state.position = state.epoch + 1, 0
@@ -368,8 +404,10 @@ def run_steps(loop: Loop, state: TrainState, progress: ProgressFn | None, stop_a
     with stop_signals() as request:
         while state.step < loop.total_steps and not state.stopped_early:
             loss = train_step(loop, state)
+            rate = (state.tokens_seen - tokens_before) / max(time.perf_counter() - started, 1e-9)
+            if loop.tracker is not None:
+                loop.tracker.log_metrics({"train/tokens_per_s": rate}, state.step)
             if progress is not None and loop.main:
-                rate = (state.tokens_seen - tokens_before) / max(time.perf_counter() - started, 1e-9)
                 progress(state.step, loop.total_steps, {"loss": loss, "tokens_per_s": rate})
             pause = stop_after_steps is not None and state.step >= stop_after_steps
             signalled = all_agree_to_stop(loop, request)
@@ -391,9 +429,15 @@ def train_loop(
 ) -> TrainResult:
     """Run the loop from `state` to the end; save the adapter and RUN_DIR/train_summary.json."""
     started, tokens_before = time.perf_counter(), state.tokens_seen
+    loop.tracker = open_trackers(loop.settings, loop.run) if loop.main else None
     loop.history = loop.run.history.open("a", encoding="utf-8") if loop.main else None
     try:
         paused = run_steps(loop, state, progress, stop_after_steps)
+    except BaseException:
+        if loop.tracker is not None:  # an interrupted run's trackers are closed, with no final numbers
+            loop.tracker.finish({})
+            loop.tracker = None
+        raise
     finally:
         if loop.history is not None:
             loop.history.close()
@@ -415,4 +459,7 @@ def train_loop(
     )
     if loop.main:
         write_json(loop.run.summary, {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()})
+    if loop.tracker is not None:
+        loop.tracker.finish(asdict(result))
+        loop.tracker = None
     return result

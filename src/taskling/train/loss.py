@@ -43,6 +43,58 @@ def collate(rows: Sequence[Row], pad_id: int, device: torch.device | str) -> dic
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
+# Packed sequences longer than this are split into several (attention is quadratic in a
+# sequence's length, and SDPA masks a packed sequence densely); flash-attention packs all in one.
+PACK_TOKENS = 1024
+
+
+def pack_bins(lengths: Sequence[int], capacity: int | None) -> list[list[int]]:
+    """Row indices grouped, in order, into bins of at most `capacity` tokens (None: one bin)."""
+    bins: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        if bins[-1] and capacity is not None and used + n > capacity:
+            bins.append([])
+            used = 0
+        bins[-1].append(i)
+        used += n
+    return bins
+
+
+def pack(
+    rows: Sequence[Row], pad_id: int, device: torch.device | str, capacity: int | None = PACK_TOKENS
+) -> dict[str, torch.Tensor]:
+    """Padding-free batch: rows laid end to end in a few sequences, `position_ids` restarting per row.
+
+    No `attention_mask`: given position ids that restart, transformers keeps attention within
+    each row (a block-diagonal causal mask for SDPA/eager, varlen kernels for flash-attention).
+    A row's first label is masked: it would be predicted from the previous row. Sequences are
+    `capacity` tokens at most (or the longest row); the shorter ones end in padding that forms
+    its own masked segment.
+    """
+    capacity = None if capacity is None else max(capacity, max(len(ids) for ids, _ in rows))
+    bins = pack_bins([len(ids) for ids, _ in rows], capacity)
+    width = max(sum(len(rows[i][0]) for i in b) for b in bins)
+    input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), -100, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    for b, members in enumerate(bins):
+        at = 0
+        for i in members:
+            ids, lab = rows[i]
+            input_ids[b, at : at + len(ids)] = torch.tensor(ids)
+            labels[b, at + 1 : at + len(lab)] = torch.tensor(lab[1:], dtype=torch.long)
+            positions[b, at : at + len(ids)] = torch.arange(len(ids))
+            at += len(ids)
+        positions[b, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device)}
+
+
+def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many answer tokens a batch is scored on (known before the forward pass)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 def head_logits(base_model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits for selected hidden states, as the model's own head computes them."""
     logits = base_model.get_output_embeddings()(hidden).float()
@@ -59,7 +111,10 @@ def answer_logits(base_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torc
     is most of a small model's activation memory, and the answer is a handful of tokens.
     """
     hidden = base_model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100
@@ -84,9 +139,17 @@ class AnswerLoss(torch.nn.Module):
         self.model = model
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "labels": labels}
+        if attention_mask is not None:
+            batch["attention_mask"] = attention_mask
+        if position_ids is not None:
+            batch["position_ids"] = position_ids
         total, count = answer_loss(self.model.get_base_model(), batch, reduction="sum")
         return total, torch.tensor(float(count), device=input_ids.device)
 

@@ -22,9 +22,16 @@ from taskling.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-# Settings that change how fast a run goes, not what it learns, and where the data was read
-# from (its content is compared by hash instead).
-NOT_COMPARED = {"run_dir", "train.threads", "train.checkpoint_every", "data.train", "data.validation"}
+# Settings that change how fast a run goes or where it is reported, not what it learns, and
+# where the data was read from (its content is compared by hash instead).
+NOT_COMPARED = {
+    "run_dir",
+    "train.threads",
+    "train.checkpoint_every",
+    "train.report_to",
+    "data.train",
+    "data.validation",
+}
 FRESH_FIX = "pass --fresh to start over in this folder (removes the old run's files), or set run_dir to a new folder"
 
 
@@ -95,7 +102,7 @@ def clear_run(run_dir: str | Path) -> list[str]:
         run.config, run.manifest, run.data, run.tokenizer, run.adapter, run.checkpoint, run.history, run.summary,
         run.metrics, run.predictions, run.baseline, run.gate, run.report, run.abstain, run.prediction_log,
         run.monitor, run.exports, run.ladder, run.labels, run.fields, run.evals, run.pairs, run.dpo_summary,
-        run.dpo_report, run.comparison,
+        run.dpo_report, run.comparison, run.tracking,
     ]  # fmt: skip
     for folder in (run.adapter, run.checkpoint):
         outputs += [folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")]

@@ -30,7 +30,8 @@ from taskling.data.load import (
 )
 from taskling.errors import DataError
 from taskling.io import write_json, write_jsonl, write_text
-from taskling.model.loader import ChatFormat, load_model, load_tokenizer, pick_dtype, resolve_base
+from taskling.model.loader import ChatFormat, load_tokenizer, resolve_base
+from taskling.model.presets import apply_preset
 from taskling.rundir import RunDir
 from taskling.train.checkpoint import has_checkpoint
 from taskling.train.loop import (
@@ -47,6 +48,7 @@ from taskling.train.loop import (
 )
 from taskling.train.loss import AnswerLoss, answer_logits, answer_loss, batches, collate, head_logits, validation_loss
 from taskling.train.resume import check_resumable, clear_run, holds_a_run
+from taskling.train.speed import Levers, load_training_base
 from taskling.version import __version__
 
 __all__ = [
@@ -183,6 +185,7 @@ def train(
     leave things (`TrainResult.interrupted` is then True). Ctrl-C or SIGTERM checkpoints the
     current step and raises `TrainingInterrupted`.
     """
+    config = apply_preset(config)  # model.base names a preset: its settings fill what config leaves unset
     settings, run = config.train, RunDir(config.run_dir)
     accelerator = new_accelerator()
     main = accelerator.is_main_process
@@ -200,9 +203,11 @@ def train(
         write_run_files(run, config, data, run_manifest(config, base_path, fmt, data), tokenizer)
     accelerator.wait_for_everyone()
 
-    model = lora_model(load_model(base_path, pick_dtype(config.model.dtype), accelerator.device), config.lora)
+    model = lora_model(load_training_base(config.model, base_path, accelerator.device), config.lora)
     train_rows, val_rows = tokenize(data.train, fmt), tokenize(data.validation, fmt)
-    loop = build_loop(settings, model, run.root, train_rows, val_rows, tokenizer.pad_token_id, accelerator)
+    levers = Levers.resolve(settings, config.model, world=accelerator.num_processes)
+    pad_id = tokenizer.pad_token_id
+    loop = build_loop(settings, model, run.root, train_rows, val_rows, pad_id, accelerator, levers=levers)
     state = start_state(loop, resume=resuming)
     return train_loop(
         loop, state, skipped_rows=len(data.loaded.bad_rows), progress=progress, stop_after_steps=stop_after_steps
