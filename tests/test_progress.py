@@ -153,3 +153,12 @@ def test_predict_batch_prints_row_counts_off_a_terminal(trained_run: Path, tmp_p
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert progress_lines(result.stderr, "predict-batch") == [(16, 40), (32, 40), (40, 40)]
+
+
+def test_export_reports_its_steps_off_a_terminal(trained_run: Path, tmp_path: Path) -> None:
+    from taskling.cli import app
+
+    result = runner.invoke(app, ["export", str(trained_run), "--to", "vllm", "--out", str(tmp_path / "vllm")])
+    assert result.exit_code == 0, result.output
+    assert progress_lines(result.stderr, "export-vllm")[-1] == (3, 3)
+    assert (1, 3) in progress_lines(result.stderr, "export-vllm")

@@ -145,8 +145,8 @@ def export_cmd(
     """Export a run: merged safetensors, GGUF, an Ollama Modelfile, or a vLLM LoRA launch line."""
     from taskling.export.exporter import export
 
-    with console.status(Text(f"exporting {run_dir} to {to} (writing, then checking the result)")):
-        result = export(run_dir, to, out, quant=quant, dtype=dtype)
+    with progress_bar(f"export-{to}", "steps") as update:
+        result = export(run_dir, to, out, quant=quant, dtype=dtype, progress=update)
     table = Table(title=Text(f"export: {to}"), show_header=False)
     table.add_row("directory", Text(str(result.out_dir)))
     for name in sorted(result.files):

@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,13 +154,17 @@ def export(
     quant: str = "f16",
     dtype: str = "float32",
     verify: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ExportResult:
     """Export a finished run to `to` (merged, gguf, ollama or vllm) and check the result.
 
     Writes into `out` (default RUN_DIR/exports/FORMAT[-QUANT]) atomically; an existing
     directory is replaced only when it is itself a taskling export. `quant` applies to
-    gguf and ollama, `dtype` (the saved weights) to merged.
+    gguf and ollama, `dtype` (the saved weights) to merged. `progress(done, 3)` is called
+    after each of the three steps: the run loaded, the format written and checked, the
+    manifest written.
     """
+    report = progress or (lambda done, total: None)
     if to not in FORMATS:
         raise ExportError(f"unknown export format {to!r}", fix=f"use one of: {', '.join(FORMATS)}")
     if quant not in QUANTS:
@@ -168,6 +172,7 @@ def export(
     if dtype not in MERGED_DTYPES:
         raise ExportError(f"unknown dtype {dtype!r} for merged weights", fix=f"use one of: {', '.join(MERGED_DTYPES)}")
     run = load_run(run_dir)
+    report(1, 3)
     out_dir = Path(out) if out is not None else default_out(run.run_dir, to, quant)
     if out_dir.exists() and not (out_dir / "manifest.json").is_file():
         raise ExportError(
@@ -180,7 +185,9 @@ def export(
         else:
             writer = {"gguf": write_gguf_dir, "ollama": write_ollama, "vllm": write_vllm}[to]
             checks = writer(run, tmp, quant=quant, verify=verify)
+        report(2, 3)
         files = write_manifest(tmp, run, to, quant if to in ("gguf", "ollama") else None, checks)
+    report(3, 3)
     log.info("exported %s to %s (%d files)", to, out_dir, len(files) + 1)
     return ExportResult(out_dir, to, files, checks)
 
