@@ -213,6 +213,9 @@ class Classifier:
         self._decoder = model.get_decoder()
         self._dtype = next(model.parameters()).dtype
         self._cap = getattr(model.config, "final_logit_softcapping", None)
+        # Sliding-window layers (Gemma 3) see only the last `window` keys; they get their own mask.
+        layer_types = getattr(model.config, "layer_types", None) or ()
+        self._window: int | None = model.config.sliding_window if "sliding_attention" in layer_types else None
         head = model.get_output_embeddings().weight
         self._prepare_branches(head)
         self.model.eval()
@@ -246,9 +249,13 @@ class Classifier:
         prefix = common_prefix(a, b)
         if not prefix:
             return
+        from transformers import DynamicCache
+
         self._activate()
         ids = torch.tensor([prefix], device=self.device)
-        out = self._decoder(input_ids=ids, use_cache=True)
+        # A cache without the model's config keeps every key in every layer: a sliding-window
+        # layer's own cache would drop the prefix's older keys, which later rows' masks still index.
+        out = self._decoder(input_ids=ids, use_cache=True, past_key_values=DynamicCache())
         cache = out.past_key_values
         self._prefix_kv = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
         self._prefix = prefix
@@ -295,13 +302,22 @@ class Classifier:
         if offset:  # every query sees the whole cached prefix
             seen = torch.ones((len(suffixes), total, offset), dtype=torch.bool)
             mask = torch.cat([seen, mask], dim=-1)
-        additive = torch.zeros(mask.shape, dtype=self._dtype).masked_fill(~mask, torch.finfo(self._dtype).min)
+        attention: Any = self._additive(mask)
+        if self._window:  # a key is seen by a sliding layer only within `window` positions of the query
+            keys = torch.cat([torch.arange(offset).expand(len(suffixes), -1), positions], dim=1)
+            near = keys.unsqueeze(1) > positions.unsqueeze(2) - self._window
+            attention = {"full_attention": attention, "sliding_attention": self._additive(mask & near)}
         return {
             "input_ids": ids.to(self.device),
             "position_ids": positions.to(self.device),
-            "attention_mask": additive.unsqueeze(1).to(self.device),
+            "attention_mask": attention,
             "width": width,
         }
+
+    def _additive(self, mask: torch.Tensor) -> torch.Tensor:
+        """A [rows, 1, queries, keys] additive mask on the device from a boolean "may attend" mask."""
+        additive = torch.zeros(mask.shape, dtype=self._dtype).masked_fill(~mask, torch.finfo(self._dtype).min)
+        return additive.unsqueeze(1).to(self.device)
 
     def _cache_for(self, rows: int) -> Any:
         from transformers import DynamicCache
