@@ -13,6 +13,7 @@ import json
 import os
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -86,35 +87,59 @@ def read_json(path: str | Path) -> Any:
         ) from exc
 
 
+@dataclass(frozen=True)
+class JsonLine:
+    """One non-blank line of a JSONL file: its parsed value, or why it could not be parsed."""
+
+    line: int
+    raw: str  # the line's text; bytes that are not UTF-8 show as U+FFFD
+    value: Any = None
+    reason: str = ""  # "" when the line parsed; else "not_utf8" or "malformed"
+    detail: str = ""  # what is wrong with it, for an error or a bad-row report
+
+
+_FIXES = {
+    "not_utf8": "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or remove that line",
+    "malformed": "each line must be one JSON object; fix or remove that line",
+}
+
+
+def scan_jsonl(path: str | Path) -> Iterator[JsonLine]:
+    """Every non-blank line of a JSONL file, parsed or not: for readers that count bad rows
+    instead of stopping at the first (`iter_jsonl` stops).
+
+    Lines end at "\n" only: JSON strings may hold U+2028, \x1c and friends unescaped.
+    """
+    with Path(path).open("rb") as fh:
+        for number, data in enumerate(fh, start=1):
+            raw = data.decode("utf-8", "replace")
+            if not raw.strip():
+                continue
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                detail = f"not UTF-8 text (byte {data[err.start]:#04x} at column {err.start + 1})"
+                yield JsonLine(number, raw, reason="not_utf8", detail=detail)
+                continue
+            try:
+                yield JsonLine(number, raw, json.loads(text))
+            except json.JSONDecodeError as err:
+                yield JsonLine(
+                    number, raw, reason="malformed", detail=f"not valid JSON ({err.msg} at column {err.colno})"
+                )
+            except RecursionError:
+                yield JsonLine(number, raw, reason="malformed", detail="JSON nested too deeply")
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed value) for each non-blank line of a JSONL file.
 
-    Lines are split on "\\n" only: JSON strings may hold U+2028 and friends unescaped. A line
-    that is not UTF-8 or not JSON raises DataError naming the file and the line.
+    A line that is not UTF-8 or not JSON raises DataError naming the file and the line.
     """
-    path = Path(path)
-    with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})",
-                    path=path,
-                    line=number,
-                    fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or remove that line",
-                ) from exc
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"not valid JSON ({exc.msg} at column {exc.colno})",
-                    path=path,
-                    line=number,
-                    fix="each line must be one JSON object; fix or remove that line",
-                ) from exc
+    for parsed in scan_jsonl(path):
+        if parsed.reason:
+            raise DataError(parsed.detail, path=path, line=parsed.line, fix=_FIXES[parsed.reason])
+        yield parsed.line, parsed.value
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

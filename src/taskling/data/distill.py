@@ -31,9 +31,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from taskling.data.clean import CleanConfig, build_report, clean_examples
-from taskling.data.load import Example, is_unicode, parse_jsonl_lines
+from taskling.data.load import Example, is_unicode
 from taskling.errors import ConfigError, DataError
-from taskling.io import write_json, write_jsonl
+from taskling.io import scan_jsonl, write_json, write_jsonl
 from taskling.task import Task
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def read_logs(paths: Iterable[str | Path]) -> tuple[list[LogRow], list[dict[str,
     for path in map(Path, paths):
         if not path.is_file():
             raise DataError("log file does not exist", path=path, fix="check the LOGS paths")
-        for parsed in parse_jsonl_lines(path):
+        for parsed in scan_jsonl(path):
             try:
                 if parsed.reason:
                     raise _Skip(parsed.reason, parsed.detail)

@@ -35,7 +35,7 @@ from typing import Any
 
 from taskling.data.columnar import TABLE_FORMATS, iter_table, table_format
 from taskling.errors import DataError
-from taskling.io import write_jsonl
+from taskling.io import scan_jsonl, write_jsonl
 from taskling.task import Task
 
 log = logging.getLogger(__name__)
@@ -216,41 +216,6 @@ def read_utf8(path: Path) -> str:
         raise _undecodable(path, data, err) from None
 
 
-@dataclass(frozen=True)
-class JsonLine:
-    """One non-blank line of a JSONL file: its parsed value, or why it could not be parsed."""
-
-    line: int
-    raw: str  # the line's text; bytes that are not UTF-8 show as U+FFFD
-    value: Any = None
-    reason: str = ""  # "" when the line parsed; else "not_utf8" or "malformed"
-    detail: str = ""
-
-
-def parse_jsonl_lines(path: Path) -> Iterator[JsonLine]:
-    """Every non-blank line of a JSONL file, parsed or not: for readers that count bad rows
-    instead of stopping (`taskling.io.iter_jsonl` stops at the first bad line)."""
-    with path.open("rb") as fh:
-        # Lines end at b"\n" only: JSON strings may hold U+2028, \x1c and friends unescaped.
-        for number, data in enumerate(fh, start=1):
-            raw = data.decode("utf-8", "replace")
-            if not raw.strip():
-                continue
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as err:
-                column = err.start + 1
-                detail = f"not UTF-8 text (byte {data[err.start]:#04x} at column {column})"
-                yield JsonLine(number, raw, reason="not_utf8", detail=detail)
-                continue
-            try:
-                yield JsonLine(number, raw, json.loads(text))
-            except json.JSONDecodeError as err:
-                yield JsonLine(number, raw, reason="malformed", detail=f"invalid JSON: {err.msg}")
-            except RecursionError:
-                yield JsonLine(number, raw, reason="malformed", detail="JSON nested too deeply")
-
-
 def _iter_rows(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed row); a row that fails to parse yields the exception."""
     suffix = path.suffix.lower()
@@ -273,7 +238,7 @@ def _iter_rows(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
         for i, row in enumerate(rows, start=1):
             yield i, row  # a JSON list has no line per row: number rows from 1
         return
-    for parsed in parse_jsonl_lines(path):
+    for parsed in scan_jsonl(path):
         if parsed.reason == "not_utf8":
             yield parsed.line, _RowError(parsed.reason, parsed.detail, "re-save the file as UTF-8, or fix that line")
         elif parsed.reason:

@@ -36,10 +36,10 @@ from typing import Any
 from taskling.data.clean import CleanConfig
 from taskling.data.dedupe import find_leaks, normalize
 from taskling.data.distill import confidence_from_logprobs
-from taskling.data.load import Example, is_unicode, parse_jsonl_lines
+from taskling.data.load import Example, is_unicode
 from taskling.data.retry import RETRY_STATUSES, RetryPolicy
 from taskling.errors import DataError, TasklingError
-from taskling.io import read_json, write_json
+from taskling.io import read_json, scan_jsonl, write_json
 from taskling.task import Task
 
 log = logging.getLogger(__name__)
@@ -428,7 +428,7 @@ def read_texts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise DataError("file does not exist", path=path, fix="give the file of texts to label")
     texts = []
-    for parsed in parse_jsonl_lines(path):
+    for parsed in scan_jsonl(path):
         raw = parsed.raw.rstrip("\r\n")
         if parsed.reason == "not_utf8":
             raise DataError(parsed.detail, path=path, line=parsed.line, fix="re-save the file as UTF-8")

@@ -28,9 +28,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from taskling.config import LoraSettings, ModelConfig, TrainSettings, merge, parse_overrides, resolve_paths
-from taskling.data.load import BadRow, is_unicode, parse_jsonl_lines
+from taskling.data.load import BadRow, is_unicode
 from taskling.errors import ConfigError, DataError
-from taskling.io import read_json, write_jsonl
+from taskling.io import read_json, scan_jsonl, write_jsonl
 
 FieldType = Literal["enum", "string", "integer", "number", "boolean"]
 DEFAULT_EXTRACT_INSTRUCTION = "Extract the fields from the user's message. Answer with one JSON object."
@@ -308,7 +308,7 @@ def load_records(
         path = Path(p)
         if not path.is_file():
             raise DataError(f"{path} does not exist", path=path)
-        for parsed in parse_jsonl_lines(path):
+        for parsed in scan_jsonl(path):
             out.rows_read += 1
             try:
                 text, record = _record_row(parsed.value, parsed.reason, parsed.detail, task, text_field, record_field)
