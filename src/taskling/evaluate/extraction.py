@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taskling.evaluate.metrics import score
+from taskling.evaluate.metrics import score, timing, write_scores
 from taskling.extract.schema import ExtractionTask, load_records, records_hash
 from taskling.io import write_json, write_jsonl
 from taskling.rundir import RunDir
@@ -190,31 +190,20 @@ def evaluate_extraction(
     predicted = [r.record if r.valid else None for r in results]
     metrics = score_records([ex.record for ex in gold], predicted, ext.task)
     out = RunDir(out_dir if out_dir is not None else run_dir)
-    payload = {
-        "kind": "extraction",
-        "gold_file": str(data),
-        "gold_hash": records_hash(gold),
-        "seconds": seconds,
-        "messages_per_second": len(gold) / max(seconds, 1e-9),
-        **metrics,
-    }
-    metrics_path = out.metrics
-    write_json(metrics_path, payload)
-    predictions_path = out.predictions
-    write_jsonl(
-        predictions_path,
-        (
-            {
-                "text": ex.text,
-                "gold": ext.task.render(ex.record),
-                "label": r.answer,
-                "valid": r.valid,
-                "record": r.record,
-                "confidence": r.confidence,
-            }
-            for ex, r in zip(gold, results, strict=True)
-        ),
+    payload: dict[str, Any] = {"kind": "extraction", "gold_file": str(data), "gold_hash": records_hash(gold)}
+    payload |= {**timing(seconds, len(gold)), **metrics}
+    rows = (
+        {
+            "text": ex.text,
+            "gold": ext.task.render(ex.record),
+            "label": r.answer,
+            "valid": r.valid,
+            "record": r.record,
+            "confidence": r.confidence,
+        }
+        for ex, r in zip(gold, results, strict=True)
     )
+    metrics_path, predictions_path = write_scores(out, payload, rows)
     for spec in ext.task.fields:
         if spec.type != "enum":
             continue

@@ -12,7 +12,7 @@ specialist, the teacher, a baseline) is scored the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,18 @@ class EvalResult:
     seconds: float
 
 
+def timing(seconds: float, rows: int) -> dict[str, float]:
+    """The `seconds` and `messages_per_second` fields of a metrics.json."""
+    return {"seconds": seconds, "messages_per_second": rows / max(seconds, 1e-9)}
+
+
+def write_scores(out: RunDir, summary: dict[str, Any], rows: Iterable[dict[str, Any]]) -> tuple[Path, Path]:
+    """Write a scored gold set: `summary` as metrics.json and one row per message as predictions.jsonl."""
+    write_json(out.metrics, summary)
+    write_jsonl(out.predictions, rows)
+    return out.metrics, out.predictions
+
+
 def evaluate(
     run_dir: str | Path,
     data: str | Path,
@@ -117,23 +129,11 @@ def evaluate(
     seconds = time.perf_counter() - started
     metrics = score([ex.label for ex in gold], [p.label for p in predictions], clf.task.labels)
 
-    out = RunDir(out_dir if out_dir is not None else run_dir)
     gold_hash = content_hash(gold)
-    payload = {
-        "gold_file": str(data),
-        "gold_hash": gold_hash,
-        "seconds": seconds,
-        "messages_per_second": len(gold) / max(seconds, 1e-9),
-        **metrics.to_dict(),
-    }
-    metrics_path = out.metrics
-    write_json(metrics_path, payload)
-    predictions_path = out.predictions
-    write_jsonl(
-        predictions_path,
-        (
-            {"text": ex.text, "gold": ex.label, "label": p.label, "probability": p.probability, "margin": p.margin}
-            for ex, p in zip(gold, predictions, strict=True)
-        ),
+    rows = (
+        {"text": ex.text, "gold": ex.label, "label": p.label, "probability": p.probability, "margin": p.margin}
+        for ex, p in zip(gold, predictions, strict=True)
     )
+    summary = {"gold_file": str(data), "gold_hash": gold_hash, **timing(seconds, len(gold)), **metrics.to_dict()}
+    metrics_path, predictions_path = write_scores(RunDir(out_dir if out_dir is not None else run_dir), summary, rows)
     return EvalResult(metrics, metrics_path, predictions_path, gold_hash, seconds)
