@@ -192,11 +192,18 @@ def levers(run: Path, texts: list[str], repeats: int, with_compile: bool) -> Non
     torch.set_num_threads(threads)
     for batch in (8, 16, 64):
         add(f"{base}, batch {batch}", measure_classifier(clf, texts, max(repeats // 3, 5), batch=batch))
-    if base == "float32":  # opt-in int8 changes probabilities: also say how often the label changes
-        int8 = Classifier.from_run(run, device="cpu", quantize="int8")
-        add("int8 dynamic (opt-in --quantize int8)", measure_classifier(int8, texts, repeats))
-        same = sum(a.label == b.label for a, b in zip(clf.predict(texts), int8.predict(texts), strict=True))
-        console.print(f"  int8 agrees with float32 on {same}/{len(texts)} labels (taskling eval --quantize int8)")
+    # Opt-in int8 (from float32 weights) changes probabilities: also say how often the label changes.
+    reference = clf.predict(texts)
+    for mode, name in (("int8", "torch.ao quantize_dynamic"), ("int8-torchao", "torchao quantize_")):
+        int8 = Classifier.from_run(run, device="cpu", quantize=mode)
+        add(f"{mode}: {name} (opt-in --quantize {mode})", measure_classifier(int8, texts, repeats))
+        preds = int8.predict(texts)
+        same = sum(a.label == b.label for a, b in zip(reference, preds, strict=True))
+        moved = max(abs(a.probability - b.probabilities[a.label]) for a, b in zip(reference, preds, strict=True))
+        console.print(
+            f"  {mode} agrees with {base} on {same}/{len(texts)} labels; top probability moved by at most "
+            f"{moved:.3f} (taskling eval --quantize {mode})"
+        )
         del int8
     if with_compile:
         clf._decoder = torch.compile(clf._decoder, dynamic=True)

@@ -4,16 +4,22 @@
     python bench/serve.py --run runs/demo       # the real SmolLM2-135M demo run
     python bench/serve.py --requests 1000 --concurrency 8
     python bench/serve.py --smoke               # 200 requests at concurrency 8, fixture messages
+    python bench/serve.py --cascade             # a tfidf -> lora cascade on a copy of the run
+    python bench/serve.py --cascade --stages tfidf,minilm,lora --run runs/demo
 
 Starts `taskling serve` on 127.0.0.1 (a free port, a fresh prediction log), waits for
 /healthz, drives `/v1/classify` with one text per request from CLINC150 test messages, then
 stops the server and counts the rows in its log: rows logged must equal requests answered.
+With `--cascade` it first builds a cascade (`taskling.evaluate.cascade.build_cascade`) on a
+copy of the run, and checks that the answers per stage in /metrics equal the log's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,7 +32,7 @@ from rich.table import Table
 
 from common import bench_parser, clinc_dir, clinc_texts, tiny_run, work_dir
 from taskling.rundir import read_manifest
-from taskling.serve.predlog import count_rows
+from taskling.serve.predlog import count_by_stage, count_rows
 
 console = Console(width=120)
 
@@ -70,6 +76,28 @@ async def drive(url: str, texts: list[str], concurrency: int) -> tuple[list[floa
     return latencies, errors, ok
 
 
+def cascade_copy(run: Path, work: Path, stages: str) -> Path:
+    """A copy of `run` with a cascade.json built on its own training and validation rows."""
+    from taskling.evaluate.cascade import build_cascade
+
+    copy = work / "cascade-run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("predictions.db*", "cascade*"))
+    spec = build_cascade(copy, stages.split(","), latency_samples=5)
+    console.print(f"cascade {' -> '.join(spec.stage_names)} built in {copy}")
+    return copy
+
+
+def stage_metrics(url: str) -> dict[str, int]:
+    """Answers per stage from /metrics (`taskling_stage_answers_total`), summed over adapters."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    counts: dict[str, int] = {}
+    for stage, value in re.findall(
+        r'^taskling_stage_answers_total\{adapter="[^"]*",stage="([^"]*)"\} (\S+)$', text, re.M
+    ):
+        counts[stage] = counts.get(stage, 0) + int(float(value))
+    return counts
+
+
 def pct(xs: list[float], q: float) -> float:
     ordered = sorted(xs)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
@@ -82,6 +110,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (1 leaves a core)")
+    parser.add_argument("--cascade", action="store_true", help="serve a cascade built on (a copy of) the run")
+    parser.add_argument("--stages", default="tfidf,lora", help="with --cascade: its stages")
     args = parser.parse_args()
     if args.smoke:
         args.requests, args.concurrency = 200, 8
@@ -89,6 +119,9 @@ def main() -> None:
     work = work_dir("serve")
     run = Path(args.run) if args.run else tiny_run(work, epochs=1, max_steps=5)
     model = "real: " + read_manifest(run)["base_model"] if args.run else "tiny random Llama"
+    if args.cascade:
+        run = cascade_copy(run, work, args.stages)
+        model += f", cascade {args.stages}"
     db = work / "predictions.db"
     port = free_port()
     cmd = [sys.executable, "-m", "taskling.cli", "serve", str(run), "--host", "127.0.0.1", "--port", str(port)]
@@ -111,6 +144,7 @@ def main() -> None:
         started = time.perf_counter()
         latencies, errors, ok = asyncio.run(drive(url, texts, args.concurrency))
         seconds = time.perf_counter() - started
+        served_stages = stage_metrics(url) if args.cascade else {}
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -128,6 +162,15 @@ def main() -> None:
     table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in errors.items()) or "0")
     verdict = "[green]equal[/]" if logged == ok else "[red]MISMATCH[/]"
     table.add_row("rows logged (must equal answered)", f"{logged} {verdict}")
+    if args.cascade:
+        logged_stages = {
+            str(k): v for k, v in count_by_stage(f"sqlite:///{db}").items()
+        }  # warm-up included, as in /metrics
+        same = "[green]equal[/]" if logged_stages == served_stages else "[red]MISMATCH[/]"
+        shares = ", ".join(f"{k} {v}" for k, v in sorted(served_stages.items()))
+        table.add_row("answers per stage, /metrics (must equal the log's)", f"{shares} {same}")
+        if logged_stages != served_stages:
+            table.add_row("answers per stage, log", ", ".join(f"{k} {v}" for k, v in sorted(logged_stages.items())))
     table.add_row("load average", " ".join(f"{x:.1f}" for x in os.getloadavg()))
     console.print(table)
 

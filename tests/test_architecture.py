@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
     {"model"},
     {"data"},
     {"extract"},
+    {"generate"},
     {"serve"},
     {"train"},
     {"evaluate"},

@@ -17,13 +17,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 # Modules the scripts import, not scripts.
-HELPERS = {"common.py", "noisy_logs.py", "adversarial_inputs.py"}
+HELPERS = {"common.py", "noisy_logs.py", "adversarial_inputs.py", "generate_tasks.py"}
 # Smoke modes that take more than ~10 s on a busy 2-core box.
-SLOW = {"adversarial.py", "fuzz.py", "gpu.py", "load.py", "serve.py"}
+SLOW = {"adversarial.py", "cascade.py", "fuzz.py", "gpu.py", "load.py", "serve.py"}
 # Scripts with a sub-command before the options.
 ARGS = {"extract_clinc.py": ["run", "--smoke"]}
 # A line each smoke run must print: its table.
 EXPECT = {
+    "accuracy.py": "| lora+tfidf | full |",
+    "cascade.py": "gate (cascade vs lora, same gold rows):",
     "adversarial.py": "answers outside the label set: 0 / 300",
     "clean_gain.py": "| TF-IDF + softmax regression |",
     "cpu.py": "speed ratio, batch 1 latency",
@@ -33,6 +35,7 @@ EXPECT = {
     "export.py": "gguf:q8_0",
     "extract_clinc.py": "record exact match",
     "fuzz.py": "total",
+    "generate.py": "queries that wrote: 0, hung: 0",
     "gpu.py": "| tiny-llama | ratio |",
     "ladder.py": "smallest that clears the bar",
     "load.py": "lost log rows 0",

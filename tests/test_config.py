@@ -25,7 +25,7 @@ def test_minimal_config_gets_defaults_and_paths_relative_to_the_file(tmp_path: P
     cfg = load_config(write_config(tmp_path, MINIMAL))
     assert cfg.data.train == [tmp_path / "train.jsonl"]
     assert cfg.lora.target_modules == "all-linear"
-    assert (cfg.train.schedule, cfg.train.learning_rate, cfg.lora.r) == ("cosine", 2e-4, 16)
+    assert (cfg.train.schedule, cfg.train.learning_rate, cfg.lora.r) == ("cosine", None, 16)  # None: by data size
     assert cfg.model.base == "bundled:smollm2-135m"
 
 

@@ -121,7 +121,7 @@ def test_extraction_runs_are_served_but_not_quantized(
     (root / "other" / "run.json").write_text(json.dumps({"kind": "ranking"}))
     (root / "other" / "adapter").mkdir()
     (root / "other" / "adapter" / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(RunError, match="is a ranking run; only classification and extraction runs are served"):
+    with pytest.raises(RunError, match="is a ranking run; only classification, extraction and generation runs"):
         build_engine(trained_run, settings)
     shutil.rmtree(root / "other")
 

@@ -67,12 +67,14 @@ class LoraSettings(_Strict):
 
 
 class TrainSettings(_Strict):
-    learning_rate: float = Field(2e-4, gt=0)
+    # learning_rate, warmup_ratio, epochs and batch_size left unset (null) are chosen from the
+    # number of training rows and labels (train/defaults.py, docs/training.md "Defaults by data size").
+    learning_rate: float | None = Field(None, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    epochs: float = Field(3.0, gt=0)
+    warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int | None = Field(None, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -94,6 +96,15 @@ class TrainSettings(_Strict):
     gradient_checkpointing: bool = False
     # torch.compile each decoder layer (the first steps are slower while it compiles).
     compile: bool = False
+    # What training minimises (train/objective.py): "lm" answer-token cross-entropy over the
+    # vocabulary; "labels" cross-entropy over the label set's allowed tokens (what the classifier
+    # scores); "mixed" the LM loss plus label_loss_weight times the label-set loss.
+    objective: Literal["lm", "labels", "mixed"] = "lm"
+    label_loss_weight: float = Field(1.0, gt=0)
+    # Prefix-once training: the prompt head every row shares (system prompt, user-turn header)
+    # computed once per micro-batch. null: on where it applies (not with packing, gradient
+    # checkpointing or sliding-window layers); same loss and gradients as the plain path.
+    shared_prefix: bool | None = None
     # Experiment trackers that get the config, losses, learning rate, tokens/s and the final
     # numbers (docs/tracking.md); each needs its own package (pip install tensorboard, ...).
     report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(default_factory=list)

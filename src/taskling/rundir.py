@@ -21,6 +21,8 @@ helpers here to read the manifest and name the adapter's version. The layout:
     exports/                one folder per `taskling export` format (merged, gguf-f16, ...)
     pairs.jsonl  dpo.json   `taskling pairs` / `taskling dpo`: preference pairs; the DPO run's summary
     dpo_report.json compare/ the DPO run scored against its SFT parent
+    review.jsonl review/    `taskling review`: the worst rows to mark; review/{gold,train,pairs}.jsonl from the marks
+    cascade.json cascade/   `taskling cascade`: stages, thresholds, the curve; cascade/NAME.joblib stage models
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from taskling.io import read_json, write_json
 
 CLASSIFICATION = "classification"
 EXTRACTION = "extraction"
+GENERATION = "generation"  # task.kind: generate (taskling.generate)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -75,6 +78,7 @@ class RunDir:
     gate = _At("gate.json")
     report = _At("report.html")
     abstain = _At("abstain.json")
+    cascade = _At("cascade.json")  # `taskling cascade`: stages, thresholds, the curve
     prediction_log = _At("predictions.db")
     monitor = _At("monitor")
     source = _At("source")  # `taskling demo`'s data and config
@@ -94,6 +98,14 @@ class RunDir:
     comparison = _At("compare")
     # Experiment-tracker files (`train.report_to`): TensorBoard events, W&B's folder.
     tracking = _At("tracking")
+    # `taskling review`: the worst gold rows to mark; what `--apply` made of the marks.
+    review = _At("review.jsonl")
+    reviewed_gold = _At("review", "gold.jsonl")
+    reviewed_train = _At("review", "train.jsonl")
+    reviewed_pairs = _At("review", "pairs.jsonl")
+    # `taskling cascade`: the stages, thresholds and curve; the cheap stages' fitted models.
+    cascade = _At("cascade.json")
+    cascade_dir = _At("cascade")
 
     def gold_evals(self, version: str) -> Path:
         """`evals/gold-VERSION/`: the run scored on one gold version (metrics, predictions, gate)."""
@@ -103,12 +115,16 @@ class RunDir:
         """`monitor/SPLIT-EMBEDDER.npz`: the monitor's cached embeddings of the run's training data."""
         return self.root / "monitor" / f"{split}-{embedder}.npz"
 
+    def cascade_stage(self, name: str) -> Path:
+        """`cascade/NAME.joblib`: one cheap cascade stage's fitted model."""
+        return self.root / "cascade" / f"{name}.joblib"
+
     def is_finished(self) -> bool:
         """True when the run has a manifest and a saved adapter."""
         return self.manifest.is_file() and self.adapter_weights.is_file()
 
     def kind(self) -> str | None:
-        """`classification` or `extraction`, or None where there is no manifest."""
+        """`classification`, `extraction` or `generation`, or None where there is no manifest."""
         if not self.manifest.is_file():
             return None
         return str(read_json(self.manifest).get("kind", CLASSIFICATION))
@@ -133,7 +149,8 @@ def read_manifest(run_dir: str | Path, kind: str | None = CLASSIFICATION) -> dic
         raise RunError(f"{run.manifest} is not a JSON object", fix="re-train the run; the manifest is damaged")
     found = str(manifest.get("kind", CLASSIFICATION))
     if kind is not None and found != kind:
-        command = "taskling extract / extract-eval" if found == EXTRACTION else "taskling classify / eval"
+        commands = {EXTRACTION: "taskling extract / extract-eval", GENERATION: "taskling generate / eval"}
+        command = commands.get(found, "taskling classify / eval")
         raise RunError(f"{run.root} is an {found} run, not a {kind} run", fix=f"use {command} for it")
     return dict(manifest)
 

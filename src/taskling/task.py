@@ -8,9 +8,9 @@ prompt in one place.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from taskling.errors import ConfigError
 
@@ -31,6 +31,12 @@ class Task(BaseModel):
     # Few-shot prompting of a base model without an adapter: (text, label) pairs rendered
     # as earlier user/assistant turns. Empty by default, so prompts are unchanged.
     examples: tuple[tuple[str, str], ...] = ()
+    # How a label is written in the answer the model learns and is scored on: "as_written",
+    # or "readable" (underscores as spaces: `transfer_money` -> "transfer money"). Predictions,
+    # metrics and exports always use the label as written.
+    label_text: Literal["as_written", "readable"] = "as_written"
+    # Optional one-line descriptions, rendered into the system prompt as "label: description".
+    label_descriptions: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -68,14 +74,47 @@ class Task(BaseModel):
             raise ValueError(f"labels must be unique; repeated: {', '.join(dupes)}")
         return cleaned
 
+    @model_validator(mode="after")
+    def _check_label_text(self) -> Task:
+        unknown = sorted(set(self.label_descriptions) - set(self.labels))
+        if unknown:
+            raise ConfigError(
+                f"task.label_descriptions: {', '.join(unknown)} not in task.labels",
+                fix="describe only labels of the task (check the spelling)",
+            )
+        seen: dict[str, str] = {}
+        for label in self.labels:
+            text = self.answer(label)
+            if text in seen:
+                raise ConfigError(
+                    f"task.label_text={self.label_text}: labels {seen[text]!r} and {label!r} both read {text!r}",
+                    fix="rename one of the labels, or set task.label_text: as_written",
+                )
+            seen[text] = label
+        return self
+
+    def answer(self, label: str) -> str:
+        """The text the model writes (and is scored on) for `label`; `label_of` maps it back."""
+        if self.label_text == "readable":
+            return " ".join(label.replace("_", " ").split())
+        return label
+
+    def label_of(self, answer: str) -> str:
+        """The label as written for an answer text (`answer` inverted); KeyError for other text."""
+        return {self.answer(label): label for label in self.labels}[answer]
+
     @property
     def label_index(self) -> dict[str, int]:
         return {label: i for i, label in enumerate(self.labels)}
 
     def system_prompt(self) -> str:
-        if not self.list_labels_in_prompt:
-            return self.instruction
-        return self.instruction + "\nCategories: " + ", ".join(self.labels)
+        prompt = self.instruction
+        if self.list_labels_in_prompt:
+            prompt += "\nCategories: " + ", ".join(self.answer(label) for label in self.labels)
+        if self.label_descriptions:
+            described = (f"{self.answer(k)}: {v}" for k, v in self.label_descriptions.items())
+            prompt += "\n" + "\n".join(described)
+        return prompt
 
     def messages(self, text: str, label: str | None = None) -> list[dict[str, str]]:
         """The chat messages for `text`; with `label`, the assistant's answer too."""
@@ -84,8 +123,8 @@ class Task(BaseModel):
         ]
         for shot_text, shot_label in self.examples:
             messages.append({"role": "user", "content": shot_text})
-            messages.append({"role": "assistant", "content": shot_label})
+            messages.append({"role": "assistant", "content": self.answer(shot_label)})
         messages.append({"role": "user", "content": text})
         if label is not None:
-            messages.append({"role": "assistant", "content": label})
+            messages.append({"role": "assistant", "content": self.answer(label)})
         return messages

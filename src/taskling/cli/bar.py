@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from taskling.cli.common import (
     app,
@@ -96,9 +97,18 @@ def baseline(
     name: Annotated[str, typer.Option(help="Name of the reference system.")] = "teacher",
     repin: Annotated[bool, typer.Option("--repin", help="Replace an existing baseline on purpose.")] = False,
 ) -> None:
-    """Score a reference system (the teacher) on the gold set once and pin it, with the gold hash."""
+    """Score a reference system (the teacher) on the gold set once and pin it, with the gold hash.
+
+    For a generation run, --predictions holds the teacher's answers ({"text", "output"} rows)."""
     from taskling.evaluate.gate import pin_baseline, read_labels
     from taskling.evaluate.metrics import Metrics
+    from taskling.rundir import GENERATION, RunDir
+
+    if RunDir(run_dir).kind() == GENERATION:
+        from taskling.cli.generate import pin_generation
+
+        pin_generation(run_dir, gold, predictions, name, repin)
+        return
 
     payload = pin_baseline(
         run_dir, gold, predictions, labels=read_labels(labels) if labels else None, name=name, repin=repin
@@ -128,9 +138,20 @@ def gate(
     ] = 0.10,
     alpha: Annotated[float, typer.Option(help="Significance level of the paired tests.")] = 0.05,
     exact: Annotated[bool, typer.Option("--exact", help="McNemar exact p instead of mid-p (stricter).")] = False,
+    metric: Annotated[
+        str | None, typer.Option(help="Generation runs: the per-row metric (default: execution for SQL, else rouge_l).")
+    ] = None,
 ) -> None:
     """Exit 0 if CANDIDATE holds the bar, 1 if not (2: usage error). Writes gate.json."""
     from taskling.evaluate.gate import gate_paths
+    from taskling.rundir import GENERATION, RunDir
+
+    if candidate.is_dir() and RunDir(candidate).kind() == GENERATION:
+        from taskling.cli.generate import gate_generation_run
+
+        if not gate_generation_run(candidate, against, margin, metric):
+            raise typer.Exit(1)
+        return
 
     verdict = gate_paths(
         candidate,
@@ -228,9 +249,12 @@ def report(
 @app.command()
 @friendly_errors
 def cost(
-    teacher_input_price: Annotated[float, typer.Option(help="Teacher $ per million input tokens.")],
-    teacher_output_price: Annotated[float, typer.Option(help="Teacher $ per million output tokens.")],
-    calls_per_day: Annotated[float, typer.Option(help="Traffic: calls per day.")],
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="A cascade run: print its curve (cascade.json); also --run for the rest.")
+    ] = None,
+    teacher_input_price: Annotated[float | None, typer.Option(help="Teacher $ per million input tokens.")] = None,
+    teacher_output_price: Annotated[float | None, typer.Option(help="Teacher $ per million output tokens.")] = None,
+    calls_per_day: Annotated[float | None, typer.Option(help="Traffic: calls per day.")] = None,
     input_tokens: Annotated[float, typer.Option(help="Input tokens per call (prompt + message).")] = 150,
     output_tokens: Annotated[float, typer.Option(help="Output tokens per call.")] = 5,
     run: Annotated[Path | None, typer.Option("--run", help="Take measured throughput from RUN/metrics.json.")] = None,
@@ -239,9 +263,31 @@ def cost(
     maintenance_per_month: Annotated[float, typer.Option(help="Retraining + monitoring $ per month.")] = 500.0,
     always_on: Annotated[bool, typer.Option("--always-on", help="Hardware rented all month.")] = False,
 ) -> None:
-    """Cost per million calls, teacher vs specialist, and the break-even volume."""
-    from taskling.evaluate.cost import CostInputs, estimate, measured_throughput
+    """Cost per million calls, teacher vs specialist, and the break-even volume.
 
+    With a cascade RUN_DIR: the cascade's curve (share of traffic per stage, accuracy, p50/p99
+    latency and cost per million calls for each threshold setting, the chosen one marked).
+    The break-even needs --teacher-input-price, --teacher-output-price and --calls-per-day.
+    """
+    from taskling.evaluate.cost import CostInputs, cascade_curve, estimate, measured_throughput
+
+    curve = cascade_curve(run_dir) if run_dir is not None else None
+    if curve is not None:
+        console.print(curve_table(curve))
+    prices = (teacher_input_price, teacher_output_price, calls_per_day)
+    if teacher_input_price is None or teacher_output_price is None or calls_per_day is None:
+        if curve is not None and prices == (None, None, None):
+            return
+        if run_dir is not None and curve is None and prices == (None, None, None):
+            raise TasklingError(
+                f"{run_dir} has no cascade.json, so there is no curve to show",
+                fix=f"build one (taskling cascade {run_dir}), or give the teacher's prices and --calls-per-day",
+            )
+        raise TasklingError(
+            "the break-even needs --teacher-input-price, --teacher-output-price and --calls-per-day",
+            fix="give all three (with --run RUN_DIR or --throughput N)",
+        )
+    run = run or run_dir
     latency = None
     if throughput is None:
         if run is None:
@@ -277,6 +323,17 @@ def cost(
     table.add_row("break-even", "never" if be is None else f"{be:,.0f} calls/day")
     console.print(table)
     console.print(f"[bold]{result.verdict}[/]")
+
+
+def curve_table(curve: Any) -> Table:
+    """The cascade's curve (`taskling.evaluate.cost.CascadeCurve`) as a rich table; cells are text, never markup."""
+    headers, rows = curve.rows()
+    table = Table(title="cascade: one row per threshold setting (t: confidence threshold; share: traffic decided)")
+    for h in headers:
+        table.add_column(escape(h), justify="left" if not h else "right", overflow="fold")  # never cut a number
+    for row in rows:
+        table.add_row(*(Text(c) for c in row), style="bold" if row[0] else None)
+    return table
 
 
 @app.command()

@@ -50,12 +50,19 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32.")] = "auto",
     quantize: Annotated[
-        str | None, typer.Option(help="int8: dynamic int8 on the CPU (gate it first: taskling eval --quantize).")
+        str | None,
+        typer.Option(
+            help="int8 (torch.ao) or int8-torchao: dynamic int8 on the CPU (gate it first: taskling eval --quantize)."
+        ),
     ] = None,
+    abstain: Annotated[
+        bool, typer.Option("--abstain", help="Answer `unknown` under each run's abstain.json (taskling calibrate).")
+    ] = False,
 ) -> None:
-    """Serve RUN_DIR over HTTP: /v1/classify (or /v1/extract), /v1/chat/completions, /v1/models, /healthz, /metrics.
+    """Serve RUN_DIR over HTTP: /v1/classify (/v1/extract, /v1/generate), /v1/chat/completions, /v1/models, /metrics.
 
-    RUN_DIR and the runs in --adapters-dir may be classification or extraction runs.
+    RUN_DIR and the runs in --adapters-dir may be classification, extraction or generation runs; a run
+    with cascade.json is served as its cascade, each answer naming the stage that decided.
 
     Prints "ready" on stderr once the model is loaded and requests are answered.
     """
@@ -81,6 +88,7 @@ def serve(
         threads=threads,
         dtype=dtype,
         quantize=quantize,
+        abstain=abstain,
     )
     err_console.print(Text(f"loading {run_dir} ..."))
     ready = f"ready: serving {run_dir} on http://{host}:{port} (API key {'required' if key else 'off'})"
@@ -95,6 +103,7 @@ def logs(
     limit: Annotated[int | None, typer.Option(help="Only the latest N rows.")] = None,
     label: Annotated[str | None, typer.Option(help="Only this predicted label.")] = None,
     adapter: Annotated[str | None, typer.Option(help="Only this adapter.")] = None,
+    stage: Annotated[str | None, typer.Option(help="Only answers decided by this cascade stage.")] = None,
     max_probability: Annotated[
         float | None, typer.Option(help="Only answers at most this confident (relabel the uncertain).")
     ] = None,
@@ -108,7 +117,9 @@ def logs(
         raise TasklingError(
             f"no prediction log at {url[len('sqlite:///') :]}", fix="serve the run first: taskling serve RUN_DIR"
         )
-    rows = read_rows(url, limit=limit, label=label, adapter=adapter, max_probability=max_probability, newest=True)
+    rows = read_rows(
+        url, limit=limit, label=label, adapter=adapter, stage=stage, max_probability=max_probability, newest=True
+    )
     if export is not None:
         n = export_jsonl(rows, export)
         console.print(Text(f"wrote {n} rows to {export}"))
@@ -116,17 +127,29 @@ def logs(
     console.print(log_table(rows, count_rows(url)))
 
 
+def generate_batch_cmd(run_dir: Path, input_path: Path, out: Path, engine: str, text_field: str, batch: int) -> None:
+    """`predict-batch` on a generation run: one answer per row, invalid and empty rows counted."""
+    from taskling.serve.generation import generate_batch, refuse_ray_for_generation
+
+    refuse_ray_for_generation(engine)
+    with progress_bar("predict-batch", "rows") as update:
+        result = generate_batch(run_dir, input_path, out, text_field=text_field, batch_size=batch, progress=update)
+    rate = f"{result.rows_per_second:.1f} rows/s, generation"
+    console.print(Text(f"wrote {result.rows} rows to {result.output_path} ({rate})"))
+
+
 def log_table(rows: Iterable[dict[str, Any]], total: int) -> Table:
     """Logged rows as a table; their text, labels and adapter names are shown as text, never as markup."""
     import datetime as dt
 
     table = Table(title=f"prediction log ({total} rows in all)")
-    for col in ("time (UTC)", "adapter", "label", "p", "ms", "text"):
+    for col in ("time (UTC)", "adapter", "stage", "label", "p", "ms", "text"):
         table.add_column(col)
     for row in rows:
         when = dt.datetime.fromtimestamp(row["time"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         text = row["text"] if len(row["text"]) <= 80 else row["text"][:77] + "..."
-        cells = (row["adapter"], row["label"], f"{row['probability']:.2f}", f"{row['latency_ms']:.1f}", text)
+        stage = row.get("stage") or "-"
+        cells = (row["adapter"], stage, row["label"], f"{row['probability']:.2f}", f"{row['latency_ms']:.1f}", text)
         table.add_row(when, *(Text(str(cell)) for cell in cells))
     return table
 
@@ -193,9 +216,22 @@ def predict_batch_cmd(
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 32,
     workers: Annotated[int | None, typer.Option(help="Ray workers (default: the cluster's spare CPUs).")] = None,
     threads: Annotated[int, typer.Option(help="torch threads per classifier.")] = 1,
+    abstain: Annotated[
+        bool, typer.Option("--abstain", help="Label `unknown` under the run's abstain.json (taskling calibrate).")
+    ] = False,
 ) -> None:
-    """Classify every row of a Parquet/JSONL/CSV file: input columns + label, probability, margin, probabilities."""
+    """Classify every row of a Parquet/JSONL/CSV file: input columns + label, probability, margin, probabilities.
+
+    A cascade run (cascade.json) also writes the `stage` column: the stage that decided each row.
+    A generation run writes output, valid, n_tokens and problem instead (a row without text is
+    flagged, not dropped; local engine only).
+    """
+    from taskling.rundir import GENERATION, RunDir
     from taskling.serve.batch import predict_batch
+
+    if RunDir(run_dir).kind() == GENERATION:
+        generate_batch_cmd(run_dir, input_path, out, engine, text_field, batch_size)
+        return
 
     with progress_bar("predict-batch", "rows") as update:
         result = predict_batch(
@@ -207,6 +243,7 @@ def predict_batch_cmd(
             batch_size=batch_size,
             workers=workers,
             threads=threads,
+            abstain=abstain,
             progress=update,
         )
     rate = f"{result.rows_per_second:.1f} rows/s, {result.engine}"

@@ -33,10 +33,16 @@ def train(
         bool, typer.Option("--fresh", help="Start over: remove the old run's files in run_dir instead of resuming.")
     ] = False,
 ) -> None:
-    """Fine-tune a LoRA adapter as CONFIG says."""
+    """Fine-tune a LoRA adapter as CONFIG says (a `task.kind: generate` config trains a generation run)."""
     from taskling.config import load_config
+    from taskling.generate.spec import GENERATE, config_kind
     from taskling.train.sft import train as run_training
 
+    if config_kind(config) == GENERATE:
+        from taskling.cli.generate import train_generation_config
+
+        train_generation_config(config, overrides or [])
+        return
     cfg = load_config(config, overrides or [])
     with training_progress() as update:
         result = run_training(cfg, resume=not fresh, progress=update)
@@ -55,17 +61,29 @@ def eval_cmd(
     quantize: Annotated[
         str | None, typer.Option(help="int8: score the int8 CPU classifier (default --out RUN_DIR/int8).")
     ] = None,
+    embed: Annotated[
+        bool, typer.Option("--embed/--no-embed", help="Generation runs: MiniLM similarity per row (slower).")
+    ] = True,
+    no_cascade: Annotated[bool, typer.Option("--no-cascade", help="The specialist alone (no cascade.json).")] = False,
 ) -> None:
-    """Score a run on a gold file: writes metrics.json and predictions.jsonl."""
+    """Score a run on a gold file: writes metrics.json and predictions.jsonl (generation runs: docs/generate.md)."""
     from taskling.evaluate.metrics import evaluate
+    from taskling.rundir import GENERATION, RunDir
     from taskling.serve.classifier import Classifier
 
-    clf = Classifier.from_run(run_dir, quantize=quantize)
+    if RunDir(run_dir).kind() == GENERATION:
+        from taskling.cli.generate import eval_generation_run
+
+        eval_generation_run(run_dir, data, out, min(batch_size, 8), embed)
+        return
+    clf = Classifier.from_run(run_dir, quantize=quantize, cascade=not no_cascade)
     # A quantized classifier's scores never overwrite the run's own: gate one against the other.
     out = out or (run_dir / quantize if quantize else None)
     with progress_bar("eval", "rows") as update:
         result = evaluate(run_dir, data, out_dir=out, batch_size=batch_size, classifier=clf, progress=update)
     render_metrics(result.metrics)
+    for name, s in json.loads(result.metrics_path.read_text()).get("stages", {}).items():
+        console.print(Text(f"stage {name}: answered {s['share']:.1%} ({s['n']}), {s['accuracy']:.2%} right"))
     console.print(Text(f"wrote {result.metrics_path} and {result.predictions_path}"))
 
 
@@ -115,10 +133,12 @@ def read_lines(file: Path) -> list[Message]:
 def render_prediction(pred: Any, top: int, as_json: bool) -> None:
     ranked = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[:top]
     if as_json:
-        typer.echo(json.dumps({"text": pred.text, "label": pred.label, "top": dict(ranked)}, ensure_ascii=False))
+        row = {"text": pred.text, "label": pred.label, "top": dict(ranked)}
+        typer.echo(json.dumps(row | ({"stage": pred.stage} if pred.stage else {}), ensure_ascii=False))
         return
     alts = ", ".join(f"{label} {p:.2f}" for label, p in ranked)
-    console.print(Text.assemble((pred.label, "bold"), "  ", (alts, "dim"), "  ", pred.text), soft_wrap=True)
+    where = f" [{pred.stage}]" if getattr(pred, "stage", None) else ""  # the cascade stage that decided
+    console.print(Text.assemble((pred.label, "bold"), where, "  ", (alts, "dim"), "  ", pred.text), soft_wrap=True)
 
 
 def render_problem(message: Message, as_json: bool) -> None:
@@ -137,14 +157,19 @@ def classify(
     top: Annotated[int, typer.Option(help="Show this many labels with probabilities.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
     quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 on the CPU (faster, measure it).")] = None,
+    abstain: Annotated[
+        bool, typer.Option("--abstain", help="Answer `unknown` under the run's abstain.json (taskling calibrate).")
+    ] = False,
+    no_cascade: Annotated[bool, typer.Option("--no-cascade", help="The specialist alone (no cascade.json).")] = False,
 ) -> None:
-    """Classify messages: the answer is always one label of the set, with probabilities.
+    """Classify messages: the answer is always one label of the set (or `unknown` with --abstain), with probabilities.
 
     One output row per input, in order: the arguments, then every line of --file. An empty
     line (or one that is not UTF-8 text) gets a flagged row in its place, e.g. JSON
     {"line": 3, "error": "empty message"}, and the exit code is then 1. Exit code 0: every
     message classified; 2: nothing could be classified (no run, no input).
     """
+    from taskling.serve.abstain import AbstainingClassifier, load_threshold
     from taskling.serve.classifier import Classifier
 
     messages = [check_message("argument", i, t) for i, t in enumerate(texts or [], start=1)]
@@ -152,7 +177,10 @@ def classify(
         messages += read_lines(file)
     if not messages:
         raise TasklingError("nothing to classify", fix="give messages as arguments or --file messages.txt")
-    clf = Classifier.from_run(run_dir, quantize=quantize)
+    threshold = load_threshold(run_dir) if abstain else None  # a missing abstain.json fails before the model loads
+    clf: Any = Classifier.from_run(run_dir, quantize=quantize, cascade=not no_cascade)
+    if threshold is not None:
+        clf = AbstainingClassifier(clf, threshold)
     good = [m for m in messages if m.problem is None]
     # Progress only for --file: a few arguments take no time, and their output is the answer.
     with progress_bar("classify", "messages") if file is not None else nullcontext() as update:

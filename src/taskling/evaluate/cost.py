@@ -12,6 +12,10 @@ monthly volume where the teacher's bill equals the specialist's:
 With `always_on` the hardware is rented for the whole month whatever the traffic, so its
 monthly rent joins the fixed cost and the per-call compute cost is zero (up to capacity).
 If the specialist's per-call cost is not below the teacher's, it never pays back.
+
+A cascade run's `cascade.json` (`taskling cascade`) holds a curve: for each threshold
+setting, the share of traffic each stage decides, accuracy, p50/p99 latency and cost per
+million calls. `cascade_curve` reads it for `taskling cost RUN` and the report.
 """
 
 from __future__ import annotations
@@ -138,3 +142,73 @@ def measured_throughput(run_dir: str | Path) -> tuple[float, float | None]:
         raise TasklingError(f"{metrics} has no messages_per_second", fix="re-run taskling eval, or pass --throughput")
     latency = data.get("latency_ms")
     return float(rate), None if latency is None else float(latency)
+
+
+# ---------------------------------------------------------------- the cascade's curve
+
+CURVE_KEYS = ("thresholds", "share", "accuracy", "p50_ms", "p99_ms", "cost_per_million")
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One threshold setting of a cascade: where traffic goes, how right, how fast, how dear."""
+
+    thresholds: dict[str, float]  # stage -> confidence threshold
+    share: dict[str, float]  # stage -> fraction of messages it decided
+    accuracy: float
+    p50_ms: float
+    p99_ms: float
+    cost_per_million: float
+    chosen: bool = False
+
+
+@dataclass(frozen=True)
+class CascadeCurve:
+    stages: list[str]
+    points: list[CurvePoint]
+
+    @property
+    def chosen(self) -> CurvePoint | None:
+        return next((p for p in self.points if p.chosen), None)
+
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        """Headers and text cells, one row per point; the chosen one marked. Shared by the report and the CLI."""
+        headers = ["", *(f"t {s}" for s in self.stages), *(f"share {s}" for s in self.stages)]
+        headers += ["accuracy", "p50 ms", "p99 ms", "$ per million"]
+        rows = []
+        for p in self.points:
+            thresholds = [_threshold(p.thresholds.get(s)) for s in self.stages]
+            shares = [f"{p.share.get(s, 0.0):.1%}" for s in self.stages]
+            tail = [f"{p.accuracy:.2%}", f"{p.p50_ms:.1f}", f"{p.p99_ms:.1f}", f"{p.cost_per_million:,.2f}"]
+            rows.append(["chosen" if p.chosen else "", *thresholds, *shares, *tail])
+        return headers, rows
+
+
+def _threshold(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def cascade_curve(run_dir: str | Path) -> CascadeCurve | None:
+    """The accuracy / latency / cost curve in RUN_DIR/cascade.json (`taskling cascade`); None without one."""
+    path = RunDir(run_dir).cascade
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    curve, chosen = data.get("curve"), data.get("chosen")
+    fix = f"rebuild it: taskling cascade {run_dir}"
+    if not isinstance(curve, list) or not curve:
+        raise TasklingError(f"{path}: `curve` is missing or empty", fix=fix)
+    points = []
+    for i, point in enumerate(curve):
+        missing = [k for k in CURVE_KEYS if not isinstance(point, dict) or k not in point]
+        if missing:
+            raise TasklingError(f"{path}: curve[{i}] has no {', '.join(missing)}", fix=fix)
+        try:
+            points.append(CurvePoint(**{k: point[k] for k in CURVE_KEYS}, chosen=i == chosen))
+        except TypeError as err:
+            raise TasklingError(f"{path}: curve[{i}] is malformed ({err})", fix=fix) from None
+    named = [s.get("name") for s in data.get("stages") or [] if isinstance(s, dict)]
+    stages = [n for n in named if isinstance(n, str)]
+    for p in points:  # stages of the curve that cascade.json does not list, in order of appearance
+        stages += [s for s in [*p.share, *p.thresholds] if s not in stages]
+    return CascadeCurve(stages, points)

@@ -24,8 +24,6 @@ miniature, which `taskling gate` and `taskling report` take as they are.
 from __future__ import annotations
 
 import json
-import re
-import string
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -35,16 +33,11 @@ from typing import Any
 
 from taskling.evaluate.metrics import score, timing, write_scores
 from taskling.extract.schema import ExtractionTask, load_records, records_hash
+from taskling.generate.metrics import normalise, rouge_l
 from taskling.io import write_json, write_jsonl
 from taskling.rundir import RunDir
 
 NULL = "null"
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalise(text: str) -> str:
-    """Lower case, punctuation dropped, runs of whitespace collapsed."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
 def char_f1(gold: str, predicted: str) -> float:
@@ -56,26 +49,6 @@ def char_f1(gold: str, predicted: str) -> float:
     if not common:
         return 0.0
     precision, recall = common / sum(p.values()), common / sum(g.values())
-    return 2 * precision * recall / (precision + recall)
-
-
-def rouge_l(gold: str, predicted: str) -> float:
-    """ROUGE-L F1: longest common subsequence of normalised words."""
-    g, p = normalise(gold).split(), normalise(predicted).split()
-    if not g and not p:
-        return 1.0
-    if not g or not p:
-        return 0.0
-    prev = [0] * (len(p) + 1)
-    for gw in g:
-        cur = [0]
-        for j, pw in enumerate(p):
-            cur.append(prev[j] + 1 if gw == pw else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if not lcs:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(g)
     return 2 * precision * recall / (precision + recall)
 
 

@@ -7,6 +7,7 @@ On one training set and one gold set, `run_ladder` trains and scores, smallest f
     zero-shot   the base LLM, no adapter, labels listed in the prompt, constrained to the set
     few-shot    the same with `shots` training examples per label as earlier chat turns
     lora        the LoRA fine-tune (an existing finished run directory, or trained here)
+    lora+minilm the product of the lora and minilm probabilities, renormalised (evaluate/combine.py)
 
 For each it records accuracy, macro-F1, the worst category, median single-message latency,
 batch throughput and the model's memory (parameters and buffers; the pickled estimator
@@ -19,7 +20,6 @@ worst-category accuracy. `OUT/ladder.json` holds the table.
 from __future__ import annotations
 
 import logging
-import pickle
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -30,13 +30,14 @@ from typing import Any
 from taskling.config import ProjectConfig
 from taskling.data.load import Example, content_hash, load_file
 from taskling.errors import TasklingError
+from taskling.evaluate.combine import combined_rung
 from taskling.evaluate.metrics import Metrics, score
 from taskling.io import write_json, write_jsonl
 from taskling.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-RUNGS = ("tfidf", "minilm", "zero-shot", "few-shot", "lora")
+RUNGS = ("tfidf", "minilm", "zero-shot", "few-shot", "lora", "lora+minilm")
 # Probabilities for every label, in label order, one row per text.
 PredictFn = Callable[[Sequence[str]], list[list[float]]]
 
@@ -112,56 +113,24 @@ class LadderResult:
 # ---------------------------------------------------------------- rungs
 
 
-def _sklearn_rung(features: Any, train: Sequence[Example], labels: Sequence[str]) -> tuple[PredictFn, float, int]:
-    """Fit features + logistic regression; returns (predict_proba in label order, seconds, bytes)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
+def _sklearn_rung(kind: str, train: Sequence[Example], labels: Sequence[str]) -> tuple[PredictFn, float, int]:
+    """Fit a `taskling.serve.rungs.Rung`; returns (predict_proba in label order, seconds, bytes)."""
+    from taskling.serve.rungs import Rung
 
-    started = time.perf_counter()
-    pipe = make_pipeline(features, LogisticRegression(max_iter=2000, C=10.0))
-    pipe.fit([ex.text for ex in train], [ex.label for ex in train])
-    seconds = time.perf_counter() - started
-    classes = list(pipe.classes_)
-    order = [classes.index(label) if label in classes else -1 for label in labels]
+    rung = Rung.fit(kind, [ex.text for ex in train], [ex.label for ex in train], labels)
 
     def predict(texts: Sequence[str]) -> list[list[float]]:
-        probs = pipe.predict_proba(list(texts))
-        return [[float(row[j]) if j >= 0 else 0.0 for j in order] for row in probs]
+        return [[float(p) for p in row] for row in rung.predict_proba(texts)]
 
-    return predict, seconds, len(pickle.dumps(pipe))
+    return predict, rung.train_seconds, rung.nbytes()
 
 
 def tfidf_rung(train: Sequence[Example], labels: Sequence[str]) -> tuple[PredictFn, float, int]:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    return _sklearn_rung(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1), train, labels)
-
-
-class _Embedder:
-    """A scikit-learn transformer over all-MiniLM-L6-v2 embeddings (`taskling.model.embed`, frozen)."""
-
-    def __init__(self) -> None:
-        from taskling.model.embed import load_model
-
-        self.model = load_model()
-
-    def fit(self, texts: Sequence[str], y: Any = None) -> _Embedder:
-        return self
-
-    def transform(self, texts: Sequence[str]) -> Any:
-        from taskling.model.embed import embed
-
-        return embed(texts)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The encoder's weights are counted separately (see `minilm_rung`), not pickled.
-        return {}
+    return _sklearn_rung("tfidf", train, labels)
 
 
 def minilm_rung(train: Sequence[Example], labels: Sequence[str]) -> tuple[PredictFn, float, int]:
-    embedder = _Embedder()
-    predict, seconds, head_bytes = _sklearn_rung(embedder, train, labels)
-    return predict, seconds, head_bytes + _model_bytes(embedder.model)
+    return _sklearn_rung("minilm", train, labels)
 
 
 def _model_bytes(model: Any) -> int:
@@ -212,7 +181,8 @@ def lora_rung(config: ProjectConfig, lora_run: Path | None) -> tuple[PredictFn, 
         started = time.perf_counter()
         train(config.model_copy(update={"run_dir": run}) if lora_run else config)
         seconds = time.perf_counter() - started
-    clf = Classifier.from_run(run)
+    clf = Classifier.from_run(run, cascade=False)
+    assert isinstance(clf, Classifier)
     return _classifier_predict(clf), max(float(seconds), 0.0), _model_bytes(clf.model)
 
 
@@ -287,6 +257,12 @@ def rung_builders(
         "lora": (
             f"{config.model.base} + LoRA r={config.lora.r}",
             lambda: lora_rung(config, Path(lora_run) if lora_run else None),
+        ),
+        "lora+minilm": (  # evaluate/combine.py: product of the two rungs' probabilities
+            "product of the lora and minilm probabilities, renormalised",
+            lambda: combined_rung(
+                [lora_rung(config, Path(lora_run) if lora_run else None), minilm_rung(train_rows, labels)]
+            ),
         ),
     }
 

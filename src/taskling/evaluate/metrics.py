@@ -132,8 +132,13 @@ def evaluate(
     gold_hash = content_hash(gold)
     rows = (
         {"text": ex.text, "gold": ex.label, "label": p.label, "probability": p.probability, "margin": p.margin}
+        | ({"stage": p.stage} if getattr(p, "stage", None) else {})
         for ex, p in zip(gold, predictions, strict=True)
     )
     summary = {"gold_file": str(data), "gold_hash": gold_hash, **timing(seconds, len(gold)), **metrics.to_dict()}
+    if any(getattr(p, "stage", None) for p in predictions):  # a cascade: who answered what, and how well
+        from taskling.evaluate.cascade import stage_scores
+
+        summary["stages"] = stage_scores([ex.label for ex in gold], predictions)
     metrics_path, predictions_path = write_scores(RunDir(out_dir if out_dir is not None else run_dir), summary, rows)
     return EvalResult(metrics, metrics_path, predictions_path, gold_hash, seconds)

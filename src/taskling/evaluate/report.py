@@ -4,8 +4,10 @@ One self-contained file: inline CSS and inline SVG charts, no JavaScript, no fon
 scripts fetched from anywhere, so it opens from a laptop, a CI artifact or an email. It
 reads the run directory's files and shows, in order: the headline numbers and the gate
 verdict, the confusion-matrix heatmap, per-category accuracy against the baseline, the
-calibration curve, training and validation loss, the ladder table, and the worst examples
-(confidently wrong first) for a human pass.
+calibration curve, training and validation loss, the ladder table, the cascade's curve
+(with `cascade.json`: share of traffic per stage, accuracy, latency and cost per threshold
+setting, the chosen one marked), and the worst examples (confidently wrong first) for a
+human pass.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from taskling.errors import RunError
 from taskling.evaluate.baseline import Scored, check_same_gold, load_predictions, load_reference
+from taskling.evaluate.cost import CascadeCurve, cascade_curve
 from taskling.evaluate.metrics import Metrics
 from taskling.io import read_json, read_jsonl, write_text
 from taskling.rundir import RunDir
@@ -203,7 +206,47 @@ def loss_curves(history: Sequence[dict[str, Any]]) -> str | None:
     return _svg(left + width + 20, top + height + 24, body, "training and validation loss")
 
 
+def curve_chart(curve: CascadeCurve) -> str:
+    """Accuracy against cost per million calls, one dot per threshold setting; the chosen one ringed."""
+    left, top, width, height = 60, 12, 420, 220
+    costs = [p.cost_per_million for p in curve.points]
+    accs = [p.accuracy for p in curve.points]
+    c0, c1 = min(costs), max(costs)
+    a0, a1 = min(accs), max(accs)
+    c1, a1 = (c1 if c1 > c0 else c0 + 1.0), (a1 if a1 > a0 else a0 + 0.01)
+
+    def xy(cost: float, acc: float) -> tuple[float, float]:
+        return left + (cost - c0) / (c1 - c0) * width, top + height - (acc - a0) / (a1 - a0) * height
+
+    body = [f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#d1d5db"/>']
+    for p in curve.points:
+        x, y = xy(p.cost_per_million, p.accuracy)
+        body.append(f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{PALETTE["candidate"]}"/>')
+        if p.chosen:
+            body.append(f'<circle class="chosen" cx="{x:.1f}" cy="{y:.1f}" r="9" fill="none" stroke="#dc2626"/>')
+            body.append(_text(x + 12, y - 8, "chosen", size=10))
+    body += [
+        _text(left, top + height + 16, f"${c0:,.2f}", size=10),
+        _text(left + width, top + height + 16, f"${c1:,.2f} per million calls", size=10, anchor="end"),
+        _text(left - 6, top + height, f"{a0:.1%}", size=10, anchor="end"),
+        _text(left - 6, top + 10, f"{a1:.1%}", size=10, anchor="end"),
+    ]
+    return _svg(left + width + 70, top + height + 26, body, "cascade accuracy against cost")
+
+
 # ---------------------------------------------------------------- tables
+
+
+def cascade_section(curve: CascadeCurve) -> str:
+    """The curve as a table (every threshold setting) and a chart."""
+    headers, rows = curve.rows()
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join(
+        f"<tr{' class=chosen' if r[0] else ''}>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
+    note = f"<p>Stages in order: {escape(' -> '.join(curve.stages))}. Each row is one threshold setting.</p>"
+    table = f'<table class="cascade"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return note + table + curve_chart(curve)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
@@ -278,7 +321,7 @@ h1{font-size:1.5rem} h2{font-size:1.15rem;margin-top:2.2rem;border-bottom:1px so
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0} td,th{border:1px solid #e5e7eb;padding:.25rem .5rem;
 text-align:left;vertical-align:top} th{background:#f9fafb} .headline td:first-child{color:#4b5563}
 .verdict{font-weight:700;font-size:1.05rem} .pass{color:#15803d} .fail{color:#b91c1c} svg text{fill:#111}
-.worst td:first-child{max-width:520px}
+.worst td:first-child{max-width:520px} tr.chosen td{font-weight:700;background:#fef2f2}
 """
 
 
@@ -360,6 +403,9 @@ def build_report(run_dir: str | Path, *, ladder: str | Path | None = None, basel
     parts += ["<h2>Training and validation loss</h2>", curves or "<p>No history.jsonl in this run directory.</p>"]
     if ladder_table_data is not None:
         parts += ["<h2>Ladder</h2>", ladder_table(ladder_table_data)]
+    curve = cascade_curve(run_dir)
+    if curve is not None:
+        parts += ["<h2>Cascade: accuracy, latency and cost per threshold setting</h2>", cascade_section(curve)]
     parts += ["<h2>Worst examples</h2>", worst_examples(rows)]
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'

@@ -132,7 +132,13 @@ def write_manifest(
         "source_run": str(run.run_dir),
         "base_model": run.manifest["base_model"],
         "base_model_path": run.base_path,
-        "task": {"name": run.task.name, "labels": list(run.task.labels), "system_prompt": run.task.system_prompt()},
+        "task": {
+            "name": run.task.name,
+            "labels": list(run.task.labels),
+            "system_prompt": run.task.system_prompt(),
+            # what the model writes -> the label as written (differs with task.label_text: readable)
+            "answer_to_label": {run.task.answer(label): label for label in run.task.labels},
+        },
         "chat_template_sha256": hashlib.sha256(run.chat_template.encode()).hexdigest(),
         "files": {name: {"sha256": sha, "bytes": (directory / name).stat().st_size} for name, sha in files.items()},
         "checks": checks,
@@ -386,7 +392,8 @@ def stop_tokens(run: RunInfo) -> list[str]:
     """What ends an answer in training: the text the template writes after a label, and EOS."""
     stops: list[str] = []
     for label, answer in run.manifest["label_answers"].items():
-        tail = answer[len(label) :].strip() if answer.startswith(label) else ""
+        written = run.task.answer(label)  # the label as the model writes it (task.label_text)
+        tail = answer[len(written) :].strip() if answer.startswith(written) else ""
         if tail and tail not in stops:
             stops.append(tail)
     eos = run.tokenizer.eos_token
@@ -461,7 +468,7 @@ def write_vllm(run: RunInfo, out: Path, *, quant: str, verify: bool) -> dict[str
         "messages": run.task.messages(sample_texts(run, 1)[0]),
         "temperature": 0,
         "max_tokens": fmt.max_answer_length + 1,
-        "structured_outputs": {"choice": list(run.task.labels)},
+        "structured_outputs": {"choice": [run.task.answer(label) for label in run.task.labels]},
     }
     write_json(out / "request.json", request)
     checks: dict[str, Any] = {"max_lora_rank": max_rank, "adapter_rank": rank, "base": base}

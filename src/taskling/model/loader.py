@@ -291,7 +291,7 @@ class ChatFormat:
     def answer_text(self, label: str) -> str:
         prompt = self._render(self.task.messages(self._PROBE), True)
         full = self._render(self.task.messages(self._PROBE, label), False)
-        if not full.startswith(prompt) or label not in full[len(prompt) :]:
+        if not full.startswith(prompt) or self.task.answer(label) not in full[len(prompt) :]:
             raise ModelError(
                 "the chat template does not render an assistant answer after its generation prompt",
                 fix="set model.chat_template to a template whose generation prompt is a prefix of the full chat",

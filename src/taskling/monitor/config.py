@@ -46,6 +46,10 @@ class MonitorConfig(BaseModel):
     ood_share_max: float = Field(0.08, gt=0, lt=1)
     length_change_max: float = Field(0.5, gt=0)  # relative change in mean words per input
     abstain_share_max: float = Field(0.10, gt=0, lt=1)  # share of `unknown` answers
+    # Generation runs (monitor/generation.py): relative change in mean answer tokens, and the
+    # drop in format validity rate, against the run's eval answers.
+    output_length_change_max: float = Field(0.5, gt=0)
+    validity_drop_max: float = Field(0.05, gt=0, lt=1)
     buckets: int = Field(20, ge=2, le=200)
 
 

@@ -15,6 +15,9 @@ it against the run's training data (`RUN_DIR/data/train.jsonl`, `validation.json
   similarity) is less similar than all but `ood_quantile` of validation rows' is OOD;
   the share of such inputs in the window.
 
+A generation run has no labels or probabilities: its window is checked for input drift, OOD
+share and input length as above, then for output length and validity (`generation.py`).
+
 Thresholds live in `MonitorConfig` (unknown keys are errors). Each check becomes a `Signal`;
 any alarmed signal makes the report alarm (the CLI exits 1). `write_report` writes
 `drift.json` and a self-contained `drift.html` with inline SVG time series.
@@ -44,6 +47,7 @@ from taskling.monitor.config import (
     Signal,
     load_monitor_config,
 )
+from taskling.monitor.generation import output_series, output_signals
 from taskling.monitor.html import render_html
 from taskling.monitor.reference import (
     Embedder,
@@ -227,6 +231,8 @@ def check_window(
     n = len(rows)
     enough = n >= config.min_rows
     note = "" if enough else f" (only {n} rows < min_rows {config.min_rows}: not judged)"
+    if ref.outputs is not None:
+        return generation_window(rows, ref, config, embedder, before=before, enough=enough, note=note)
     in_scope = [r for r in rows if r["label"] != UNKNOWN]
     abstained = n - len(in_scope)
     shift, cats = _label_shift_signal(in_scope, ref, config, enough, note)
@@ -255,6 +261,33 @@ def check_window(
     ]
     stats["train_mean_words"] = ref.mean_words
     return signals, cats, stats, ood_examples
+
+
+def generation_window(
+    rows: Sequence[dict[str, Any]],
+    ref: Reference,
+    config: MonitorConfig,
+    embedder: Embedder,
+    *,
+    before: Sequence[dict[str, Any]],
+    enough: bool,
+    note: str,
+) -> tuple[list[Signal], list[CategoryShift], dict[str, Any], list[dict[str, Any]]]:
+    """A generation run's window: input drift and words per input as always, then output length and validity."""
+    assert ref.outputs is not None
+    inputs, ood_examples = _input_signals(rows, ref, config, embedder, enough, note)
+    stats = text_stats([r["text"] for r in rows])
+    change = stats["mean_words"] / ref.mean_words - 1 if ref.mean_words else 0.0
+    length = _signal(
+        "text_length",
+        abs(change),
+        config.length_change_max,
+        enough,
+        f"mean words per input {ref.mean_words:.1f} -> {stats['mean_words']:.1f} ({change:+.0%})" + note,
+    )
+    signals = [*inputs, length, *output_signals(rows, before, ref.outputs, config, enough, note)]
+    stats["train_mean_words"] = ref.mean_words
+    return signals, [], stats, ood_examples
 
 
 # ---------------------------------------------------------------- the report
@@ -294,6 +327,11 @@ def time_series(
     out = []
     for start in range(0, len(rows), size):
         chunk = rows[start : start + size]
+        ood_share = float((sims[start : start + size] < ref.ood_similarity).mean())
+        if ref.outputs is not None:  # a generation run: answer length and validity instead of labels
+            first = {"start": float(chunk[0]["time"]), "end": float(chunk[-1]["time"]), "first_row": start}
+            out.append(first | {"n": len(chunk), "ood_share": ood_share, **output_series(chunk)})
+            continue
         probs = [r["probabilities"] for r in chunk if r["label"] != UNKNOWN]
         conf, low = confidence_profile(probs, config.low_margin) if probs else (float("nan"), float("nan"))
         psi, _, _ = label_shift([r["label"] for r in chunk if r["label"] != UNKNOWN], ref.label_share)

@@ -80,15 +80,22 @@ def render_html(report: DriftReport) -> str:
         f"<tr><td>{esc(e['text'])}</td><td>{esc(e['label'])}</td><td>{e['max_similarity']:.3f}</td></tr>"
         for e in report.ood_examples
     )
+    plots: tuple[tuple[str, Any, str], ...] = (
+        ("confidence", None, "mean top probability"),
+        ("low_margin_share", None, f"share of answers with margin < {cfg['low_margin']}"),
+        ("ood_share", cfg["ood_share_max"], "share of out-of-distribution inputs"),
+        ("psi", cfg["psi_max"], "PSI of predicted labels vs training"),
+    )
+    if any("validity_rate" in s for s in report.series):  # a generation run: no labels, no probabilities
+        plots = (
+            ("validity_rate", None, "format validity rate"),
+            ("mean_tokens", None, "mean answer tokens"),
+            ("ood_share", cfg["ood_share_max"], "share of out-of-distribution inputs"),
+        )
     charts = "".join(
         f"<figure>{_svg(report.series, key, thr, report.window_start_index)}"
         f"<figcaption>{esc(title)}</figcaption></figure>"
-        for key, thr, title in (
-            ("confidence", None, "mean top probability"),
-            ("low_margin_share", None, f"share of answers with margin < {cfg['low_margin']}"),
-            ("ood_share", cfg["ood_share_max"], "share of out-of-distribution inputs"),
-            ("psi", cfg["psi_max"], "PSI of predicted labels vs training"),
-        )
+        for key, thr, title in plots
     )
     w = report.window
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>taskling drift report</title>

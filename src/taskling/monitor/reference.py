@@ -1,5 +1,6 @@
 """The monitor's reference: what live traffic is compared with.
 
+A generation run's reference also holds its eval answers' length and validity (`generation.py`).
 The run's training rows (label shares, MiniLM embeddings cached in `RUN_DIR/monitor/`),
 its validation rows (the OOD similarity cut-off, the input-drift noise level) and the
 model's confidence on validation data (`RUN_DIR/monitor/calibration.json`, from `calibrate`).
@@ -19,6 +20,7 @@ from taskling.data.load import Example, content_hash, load_file
 from taskling.errors import RunError
 from taskling.io import atomic_write, read_json, write_json
 from taskling.monitor.config import MonitorConfig
+from taskling.monitor.generation import OutputReference, is_generation_run, output_reference
 from taskling.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class Reference:
     low_margin_share: float | None = None
     confidence_source: str = "none"
     train_hash: str = ""
+    outputs: OutputReference | None = None  # a generation run's answers (no labels, no probabilities)
 
 
 def text_stats(texts: Sequence[str]) -> dict[str, float]:
@@ -137,6 +140,8 @@ def _cached_embeddings(path: Path, key: str, texts: Sequence[str], embedder: Emb
 
 def run_labels(run_dir: Path) -> list[str]:
     run = RunDir(run_dir)
+    if is_generation_run(run_dir):  # free text: no label set
+        return []
     if run.manifest.is_file():
         return list(read_json(run.manifest)["task"]["labels"])
     if run.labels.is_file():
@@ -163,6 +168,8 @@ def load_reference(run_dir: str | Path, config: MonitorConfig, embedder: Embedde
         embedder,
     )
     ref = build_reference(train, validation, labels, embedder, config, train_embeddings=t_emb, val_embeddings=v_emb)
+    if is_generation_run(run.root):
+        ref.outputs = output_reference(run.root)
     calibration = run.calibration
     if calibration.is_file():
         cal = read_json(calibration)

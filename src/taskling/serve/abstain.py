@@ -20,7 +20,7 @@ It is saved as `RUN_DIR/abstain.json` and loaded by `AbstainingClassifier.from_r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -29,9 +29,8 @@ import numpy as np
 from taskling.errors import RunError
 from taskling.io import read_json, write_json
 from taskling.rundir import RunDir
-from taskling.serve.classifier import Prediction
+from taskling.serve.prediction import UNKNOWN, Prediction
 
-UNKNOWN = "unknown"
 Metric = Literal["probability", "margin"]
 
 
@@ -60,7 +59,8 @@ class AbstainThreshold:
         path = RunDir(run_dir).abstain
         if not path.is_file():
             raise RunError(
-                f"{path} does not exist", fix="calibrate first: taskling calibrate RUN_DIR --data VALIDATION"
+                f"{path} does not exist: the run has no `unknown` threshold",
+                fix=f"calibrate first: taskling calibrate {run_dir} (--oos OOS.jsonl if you have out-of-scope rows)",
             )
         return cls(**read_json(path))
 
@@ -123,11 +123,12 @@ class AbstainingClassifier:
     def __getattr__(self, name: str) -> Any:  # task, version, ... of the wrapped classifier
         return getattr(self.classifier, name)
 
-    def predict(self, texts: Sequence[str], *, batch_size: int = 32) -> list[Prediction]:
+    def predict(self, texts: Sequence[str], *, batch_size: int = 32, **kwargs: Any) -> list[Prediction]:
+        """The wrapped `predict` (`progress=` and other keywords passed on); only labels change."""
         out = []
-        for p in self.classifier.predict(texts, batch_size=batch_size):
+        for p in self.classifier.predict(texts, batch_size=batch_size, **kwargs):
             if confidence_score(p, self.threshold.metric) < self.threshold.value:
-                p = Prediction(p.text, UNKNOWN, p.probability, p.probabilities)
+                p = replace(p, label=UNKNOWN)  # probabilities and stage stay
             out.append(p)
         return out
 
@@ -138,7 +139,18 @@ class AbstainingClassifier:
     def from_run(cls, run_dir: str | Path, **kwargs: Any) -> AbstainingClassifier:
         from taskling.serve.classifier import Classifier
 
-        return cls(Classifier.from_run(run_dir, **kwargs), AbstainThreshold.load(run_dir))
+        threshold = load_threshold(run_dir)  # a missing abstain.json fails before the model loads
+        return cls(Classifier.from_run(run_dir, **kwargs), threshold)
+
+
+def load_threshold(run_dir: str | Path) -> AbstainThreshold:
+    """The run's `unknown` threshold for `--abstain`; a cascade run is refused (it abstains through its stages)."""
+    if RunDir(run_dir).cascade.is_file():
+        raise RunError(
+            f"{run_dir} is a cascade run: --abstain applies to a single classifier",
+            fix="drop --abstain (end the cascade with an `unknown` stage to abstain), or serve the run without it",
+        )
+    return AbstainThreshold.load(run_dir)
 
 
 def oos_report(predictions: Sequence[Prediction], gold: Sequence[str], labels: Sequence[str]) -> dict[str, float]:

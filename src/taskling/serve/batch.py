@@ -10,6 +10,10 @@ suffix):
     margin         top probability minus the runner-up's
     probabilities  JSON object label -> probability, in the task's label order
 
+A cascade run (one with `cascade.json`) adds a fifth, `stage`: the stage that decided the
+row. With `abstain=True` a label is `unknown` under the run's `abstain.json` threshold
+(`taskling calibrate`); a run without one is refused before the model loads.
+
 Both engines read with the same Arrow readers and write with the same writer, so their
 outputs have the same schema and, on the same input, the same rows. `engine="ray"` maps the
 classifier over the input's blocks with Ray Data (`map_batches` with a callable class, so
@@ -129,12 +133,28 @@ def add_predictions(
     for column in RESULT_COLUMNS:
         if column in out.columns:  # results win over an input column of the same name
             out = out.drop(columns=column)
+    if "stage" in out.columns and getattr(clf, "stage_names", None):
+        out = out.drop(columns="stage")
     labels = clf.task.labels
     out["label"] = [p.label for p in preds]
     out["probability"] = [float(p.probability) for p in preds]
-    out["margin"] = [float(p.margin) for p in preds]
-    out["probabilities"] = [json.dumps({k: p.probabilities[k] for k in labels}, ensure_ascii=False) for p in preds]
+    out["margin"] = [float(p.margin) if p.probabilities else 0.0 for p in preds]
+    out["probabilities"] = [
+        json.dumps({k: p.probabilities.get(k, 0.0) for k in labels}, ensure_ascii=False) for p in preds
+    ]
+    if getattr(clf, "stage_names", None):  # a cascade: which stage decided each row
+        out["stage"] = [p.stage for p in preds]
     return out
+
+
+def load_predictor(run_dir: str | Path, threads: int | None, abstain: bool) -> Any:
+    """The run's predictor (a cascade run's cascade), answering `unknown` under abstain.json with `abstain`."""
+    from taskling.serve.abstain import AbstainingClassifier, load_threshold
+    from taskling.serve.classifier import Classifier
+
+    threshold = load_threshold(run_dir) if abstain else None  # before the model loads
+    clf = Classifier.from_run(run_dir, threads=threads)
+    return clf if threshold is None else AbstainingClassifier(clf, threshold)
 
 
 class TableWriter:
@@ -219,13 +239,15 @@ def predict_batch(
     batch_size: int = 32,
     workers: int | None = None,
     threads: int | None = 1,
+    abstain: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
     """Classify every row of `input_path` and write `output_path` (see the module docstring).
 
     `workers` is the number of Ray actors (default: the cluster's CPUs / `threads`);
     `threads` the torch threads per classifier. `progress(done, total)` is called as rows
-    are classified by the local engine (Ray Data shows its own progress).
+    are classified by the local engine (Ray Data shows its own progress). `abstain`: label
+    `unknown` under the run's abstain.json threshold.
     """
     if engine not in ENGINES:
         raise TasklingError(f"unknown engine {engine!r}", fix=f"use one of {', '.join(ENGINES)}")
@@ -234,13 +256,17 @@ def predict_batch(
     table_format(output_path)
     if not input_path.is_file():
         raise DataError("file does not exist", path=input_path, fix="check the input path")
+    if abstain:
+        from taskling.serve.abstain import load_threshold
+
+        load_threshold(run_dir)  # refuse a run without abstain.json before any work
     started = time.perf_counter()
     writer = TableWriter(output_path)
     try:
         if engine == "local":
-            frames = _local_frames(run_dir, input_path, text_field, batch_size, threads, progress)
+            frames = _local_frames(run_dir, input_path, text_field, batch_size, threads, abstain, progress)
         else:
-            frames = _ray_frames(run_dir, input_path, text_field, batch_size, workers, threads)
+            frames = _ray_frames(run_dir, input_path, text_field, batch_size, workers, threads, abstain)
         for frame in frames:
             writer.write(frame)
     except BaseException as err:
@@ -258,24 +284,23 @@ def _local_frames(
     text_field: str,
     batch_size: int,
     threads: int | None,
+    abstain: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[Any]:
-    from taskling.serve.classifier import Classifier
-
     frame = read_table(path)
     texts = check_texts(frame, text_field, path)
-    clf = Classifier.from_run(run_dir, threads=threads)
+    clf = load_predictor(run_dir, threads, abstain)
     yield add_predictions(clf, frame, texts, batch_size, progress)
 
 
 class RayPredictor:
     """Ray Data callable class: loads the classifier once per worker, then maps batches."""
 
-    def __init__(self, run_dir: str, text_field: str, batch_size: int, threads: int | None, path: str) -> None:
+    def __init__(
+        self, run_dir: str, text_field: str, batch_size: int, threads: int | None, path: str, abstain: bool = False
+    ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from taskling.serve.classifier import Classifier
-
-        self.clf = Classifier.from_run(run_dir, threads=threads)
+        self.clf = load_predictor(run_dir, threads, abstain)
         self.text_field = text_field
         self.batch_size = batch_size
         self.path = Path(path)
@@ -293,6 +318,7 @@ def _ray_frames(
     batch_size: int,
     workers: int | None,
     threads: int | None,
+    abstain: bool = False,
 ) -> Iterator[Any]:
     try:
         import ray
@@ -320,6 +346,7 @@ def _ray_frames(
                 "batch_size": batch_size,
                 "threads": threads,
                 "path": str(path),
+                "abstain": abstain,
             },
             batch_size=max(batch_size * 8, 256),
             batch_format="pandas",

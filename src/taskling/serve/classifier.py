@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # OpenMP threads spin while they wait for each other. On a CPU shared with other processes a
 # spinning thread holds a core its peer needs, and batch-1 latency got ~8x worse with 2
@@ -60,7 +59,12 @@ from taskling.model.loader import (
     load_tokenizer,
     pick_dtype,
 )
+from taskling.model.quantize import QUANTIZE_MODES, quantize_int8
 from taskling.rundir import RunDir, adapter_version, read_manifest
+from taskling.serve.prediction import Prediction
+
+if TYPE_CHECKING:
+    from taskling.serve.cascade import Cascade
 from taskling.task import Task
 
 __all__ = ["Classifier", "LabelTrie", "Prediction", "load_adapters", "run_format"]
@@ -68,20 +72,6 @@ __all__ = ["Classifier", "LabelTrie", "Prediction", "load_adapters", "run_format
 log = logging.getLogger(__name__)
 
 _PREFIX_PROBES = ("alpha", "Zulu 42")
-
-
-@dataclass(frozen=True)
-class Prediction:
-    text: str
-    label: str
-    probability: float
-    probabilities: dict[str, float]
-
-    @property
-    def margin(self) -> float:
-        """Top probability minus the runner-up's: low margins mark uncertain answers."""
-        top = sorted(self.probabilities.values(), reverse=True)
-        return top[0] - (top[1] if len(top) > 1 else 0.0)
 
 
 @dataclass
@@ -138,37 +128,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> list[int]:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return list(a[:n])
-
-
-QUANTIZE_MODES = ("int8",)
-# MLP output projections (Llama/Qwen/Gemma `down_proj`, GPT-style `fc2`/`c_proj`): their inputs
-# carry the activation outliers that a per-row int8 activation scale clips. On the demo run,
-# quantizing them too cost 4.8 points of accuracy; leaving them in float32 cost 0.3.
-INT8_KEEP_FLOAT = ("down_proj", "fc2", "c_proj", "w2")
-
-
-def quantize_int8(model: Any) -> Any:
-    """Dynamic int8 for the decoder's linear layers, in place (CPU, float32 model, merged adapter).
-
-    Weights are quantized per output channel once; activations per batch row on the fly
-    (torch's `quantize_dynamic`, fbgemm/x86 kernels). The embeddings, the LM head and the
-    MLP output projections stay float32. It lowers batch-1 CPU time per message; the measured
-    ratio, its metric and the accuracy it cost are in docs/serve.md ("Opt-in: int8 on the CPU").
-    """
-    try:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    except ImportError as err:  # pragma: no cover - present in the torch pinned here
-        raise RunError("this torch build has no dynamic int8 quantization", fix="classify without --quantize") from err
-    decoder = model.get_decoder()
-    names = [
-        name
-        for name, module in decoder.named_modules()
-        if isinstance(module, torch.nn.Linear) and not name.endswith(INT8_KEEP_FLOAT)
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices (kept working in 2.13)
-        quantize_dynamic(decoder, dict.fromkeys(names, per_channel_dynamic_qconfig), inplace=True)
-    return model
 
 
 def _check_quantize(quantize: str | None, device: str, dtype: str, merge: bool) -> None:
@@ -401,11 +360,19 @@ class Classifier:
         prefix_cache: bool = True,
         threads: int | None = None,
         quantize: str | None = None,
-    ) -> Classifier:
+        cascade: bool = True,
+    ) -> Classifier | Cascade:
         """Load the base model and the run's best adapter (merged into the weights by default).
 
         `quantize="int8"` (CPU): dynamic int8 decoder, see `quantize_int8`; the version gets `+int8`.
+        A run with `cascade.json` loads as its `Cascade` (this is its lora stage) unless `cascade=False`.
         """
+        if cascade and RunDir(run_dir).cascade.is_file():
+            from taskling.serve.cascade import Cascade
+
+            kw: dict[str, Any] = {"merge": merge, "device": device, "dtype": dtype, "threads": threads}
+            kw.update(prefix_cache=prefix_cache, quantize=quantize, cascade=False)
+            return Cascade.from_run(run_dir, lora=lambda: cls.from_run(run_dir, **kw))
         one = load_adapters(
             {"default": run_dir},
             merge=merge,
@@ -479,7 +446,7 @@ def load_adapters(
             raise RunError("cannot merge several adapters into one base", fix="leave merge unset")
         model = model.merge_and_unload()
     if quantize:
-        model = quantize_int8(model)
+        model = quantize_int8(model, backend=quantize)
     out = {}
     for name in names:
         fmt = run_format(runs[name], manifests[name])

@@ -14,6 +14,8 @@ silently different:
 - `temperature` and the other sampling fields change nothing: the answer is the argmax over
   the label set (or the greedy constrained record), the same on every call.
 - `n` > 1 returns `n` identical choices (the answer is deterministic).
+- An abstaining server (`--abstain`) or a cascade ending in `unknown` answers the content
+  `unknown` when it is not sure; `taskling.stage` names the cascade stage that decided.
 - `logprobs: true` fills OpenAI's `logprobs.content` with one entry for the whole answer:
   `token` = the label, `logprob` = the log of its probability, and with `top_logprobs: k`
   the k most probable labels. For an extraction run the entry's `logprob` is the summed
@@ -21,6 +23,9 @@ silently different:
 - `stream: true` answers a valid server-sent-event stream: one `chat.completion.chunk`
   holding every choice's whole answer, a usage chunk when `stream_options.include_usage`
   is set, then `data: [DONE]`.
+- A generation run (`task.kind: generate`) answers its format-held output as the content;
+  `max_tokens` / `max_completion_tokens` (at most the task's) are honoured, not ignored, and
+  `logprobs` is refused (a 400: no probability is computed for free text).
 - `usage`: `prompt_tokens` is the prompt the model really read (template and instruction
   included, after truncation), `completion_tokens` the answer's tokens (end-of-turn
   included) times `n`.
@@ -38,6 +43,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from taskling.serve.engine import Engine, Outcome
+from taskling.serve.generation import model_info
 
 IGNORED_HEADER = "X-Taskling-Ignored"
 MAX_CHOICES = 128
@@ -91,9 +97,14 @@ def answer_of(out: Outcome) -> Answer:
         logprob = max(sum(log_of(c) for c in e.confidence.values()), LOGPROB_FLOOR)
         extras |= {"record": e.record, "confidence": e.confidence, "valid": e.valid}
         return Answer(json.dumps(e.record, ensure_ascii=False), logprob, [], extras)
+    if out.generations:  # a generation run: the format-held output is the content
+        g = out.generations[0]
+        extras |= {"valid": g.valid, "n_tokens": g.n_tokens, "problem": g.problem}
+        return Answer(g.output, 0.0, [], extras)
     pred = out.predictions[0]
     ranked = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])
     extras["probabilities"] = pred.probabilities
+    extras["stage"] = pred.stage  # the cascade stage that decided; None outside a cascade
     return Answer(pred.label, log_of(pred.probability), [(label, log_of(p)) for label, p in ranked], extras)
 
 
@@ -158,6 +169,8 @@ def system_prompt_of(engine: Engine, name: str) -> str:
     """The instruction the adapter was trained with (a client's system message never replaces it)."""
     if name in engine.extractors:
         return engine.extractors[name].task.instruction
+    if name in engine.generators:
+        return str(engine.generators[name].task.instruction)
     return engine.classifiers[name].task.system_prompt()
 
 
@@ -206,12 +219,19 @@ def chat_stream(request_id: str, adapter: str, out: Outcome, req: ChatRequest, i
 
 def model_card(engine: Engine, name: str) -> dict[str, Any]:
     """One served adapter in OpenAI's model shape, with what it answers under `taskling`."""
+    info: dict[str, Any]
     if name in engine.extractors:
         ext = engine.extractors[name]
         info = {"kind": "extraction", "model_version": ext.version, "schema": ext.task.json_schema()}
+    elif name in engine.generators:
+        info = model_info(engine.generators[name])
     else:
         clf = engine.classifiers[name]
         info = {"kind": "classification", "model_version": clf.version, "labels": list(clf.task.labels)}
+        if getattr(clf, "stage_names", None):
+            info["stages"] = list(clf.stage_names)
+        if getattr(clf, "threshold", None) is not None:  # served with --abstain: it may answer `unknown`
+            info["abstain"] = True
     info["system_prompt"] = system_prompt_of(engine, name)
     return {"id": name, "object": "model", "created": engine.loaded_at, "owned_by": "taskling", "taskling": info}
 

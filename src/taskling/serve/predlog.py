@@ -1,7 +1,9 @@
 """The prediction log: every answer the specialist gives, in a real database.
 
 One row per prediction: time, request id, adapter name, model version, input text, label,
-its probability, all label probabilities (JSON) and latency. The default store is SQLite
+its probability, all label probabilities (JSON), latency and the cascade stage that decided
+(NULL outside a cascade). A log written before the `stage` column existed gets it added
+(`ALTER TABLE`) when it is opened. The default store is SQLite
 in WAL mode at `RUN_DIR/predictions.db`; any SQLAlchemy URL works, e.g.
 `postgresql+psycopg://user@host/db` (install the driver, e.g. `pip install psycopg`).
 
@@ -75,7 +77,9 @@ predictions = Table(
     Column("probability", Float, nullable=False),
     Column("probabilities", Text, nullable=False),  # JSON object label -> probability
     Column("latency_ms", Float, nullable=False),
+    Column("stage", String(64), nullable=True, index=True),  # the cascade stage that decided; NULL outside one
 )
+ADDED_COLUMNS = {"stage": "VARCHAR(64)"}  # columns newer than the first schema, added to old logs on open
 
 
 class LogError(TasklingError):
@@ -93,6 +97,7 @@ class LogRow:
     probabilities: dict[str, float]
     latency_ms: float
     time: float = field(default_factory=time.time)
+    stage: str | None = None  # the cascade stage that decided; None outside a cascade
 
     def to_db(self) -> dict[str, Any]:
         return {
@@ -105,6 +110,7 @@ class LogRow:
             "probability": self.probability,
             "probabilities": json.dumps(self.probabilities),
             "latency_ms": self.latency_ms,
+            "stage": self.stage,
         }
 
 
@@ -165,12 +171,25 @@ def open_engine(url: str) -> Engine:
         else:
             engine = create_engine(url, pool_pre_ping=True)
         metadata.create_all(engine)
+        add_missing_columns(engine)
     except Exception as err:  # driver missing, bad URL, unreachable server
         raise LogError(
             f"cannot open the prediction log {redact(url)}: {err}",
             fix="check the URL (sqlite:///path.db or postgresql+psycopg://user@host/db) and that its driver is there",
         ) from None
     return engine
+
+
+def add_missing_columns(engine: Engine) -> None:
+    """Bring a log from an older taskling up to the current schema (`ALTER TABLE ... ADD COLUMN`)."""
+    from sqlalchemy import inspect, text
+
+    present = {c["name"] for c in inspect(engine).get_columns(predictions.name)}
+    for name, kind in ADDED_COLUMNS.items():
+        if name not in present:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {predictions.name} ADD COLUMN {name} {kind}"))
+            log.info("prediction log: added the %s column to an older log", name)
 
 
 def redact(url: str) -> str:
@@ -325,6 +344,7 @@ def read_rows(
     limit: int | None = None,
     label: str | None = None,
     adapter: str | None = None,
+    stage: str | None = None,
     since: float | None = None,
     max_probability: float | None = None,
     newest: bool = False,
@@ -339,6 +359,8 @@ def read_rows(
         query = query.where(predictions.c.label == label)
     if adapter is not None:
         query = query.where(predictions.c.adapter == adapter)
+    if stage is not None:
+        query = query.where(predictions.c.stage == stage)
     if since is not None:
         query = query.where(predictions.c.time >= since)
     if max_probability is not None:
@@ -367,6 +389,19 @@ def count_rows(url: str) -> int:
         engine.dispose()
 
 
+def count_by_stage(url: str) -> dict[str | None, int]:
+    """Logged rows per cascade stage (None: rows answered outside a cascade)."""
+    from sqlalchemy import func
+
+    engine = open_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = select(predictions.c.stage, func.count()).group_by(predictions.c.stage)
+            return {stage: int(n) for stage, n in conn.execute(query)}
+    finally:
+        engine.dispose()
+
+
 def export_jsonl(rows: Iterator[dict[str, Any]], path: str | Path) -> int:
     """Write rows as JSONL ready for relabeling: `text` and `label` first (a taskling data file).
 
@@ -382,6 +417,7 @@ def export_jsonl(rows: Iterator[dict[str, Any]], path: str | Path) -> int:
                 "probabilities": row["probabilities"],
                 "model_version": row["model_version"],
                 "adapter": row["adapter"],
+                "stage": row.get("stage"),
                 "time": row["time"],
                 "request_id": row["request_id"],
                 "id": row["id"],

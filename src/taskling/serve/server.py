@@ -4,8 +4,11 @@
 directory inside it as a named adapter on the same base model) and answers:
 
 - `POST /v1/classify`: `{"text": ...}` or `{"texts": [...]}`, optional `"adapter"`; returns
-  label, probabilities, model version, latency and a request id.
+  label, probabilities, the cascade stage that decided (`stage`, null outside a cascade),
+  model version, latency and a request id.
 - `POST /v1/extract`: the same shape for extraction runs; one schema-valid record per text.
+- `POST /v1/generate`: generation runs (`task.kind: generate`); one format-held answer per
+  text, with `valid`, `n_tokens`, `ms` and an optional request `max_tokens` (`generation.py`).
 - `POST /v1/chat/completions`: OpenAI-compatible; the last user message is answered by
   the adapter named in `model`: one label of its set, or (extraction) the record as JSON
   text. `usage`, `logprobs`, `n` and `stream` as `openai_compat.py` says.
@@ -18,6 +21,10 @@ the prediction log, so every acknowledged prediction survives a crash. A full qu
 requires an API key (`Authorization: Bearer KEY` or `X-API-Key: KEY`). Every error has one
 JSON shape (`http.py`). Names, exposure and runs are checked before the model loads, and
 `on_ready` is called only once the model is loaded and the worker runs.
+
+A run holding `cascade.json` is served as its cascade (every stage loaded, a teacher stage's
+endpoint checked at start-up); with `settings.abstain` every classification run answers
+`unknown` under its `abstain.json` threshold (a missing one is an error before any model loads).
 """
 
 from __future__ import annotations
@@ -42,9 +49,12 @@ from pydantic import BaseModel, ConfigDict
 from taskling.data.load import is_unicode
 from taskling.errors import ConfigError, RunError
 from taskling.extract.extractor import Extractor
-from taskling.rundir import CLASSIFICATION, EXTRACTION, RunDir, read_manifest
-from taskling.serve.classifier import load_adapters, set_threads
+from taskling.generate.generator import Generator
+from taskling.rundir import CLASSIFICATION, EXTRACTION, GENERATION, RunDir, read_manifest
+from taskling.serve.abstain import AbstainingClassifier, load_threshold
+from taskling.serve.classifier import Classifier, load_adapters, set_threads
 from taskling.serve.engine import Engine, Job, Outcome, Overloaded
+from taskling.serve.generation import add_generate_route, chat_limits
 from taskling.serve.http import ApiKey, BodyLimit, StatusCounter, error_body
 from taskling.serve.openai_compat import (
     IGNORED_HEADER,
@@ -73,6 +83,7 @@ __all__ = ["ADAPTER_NAME", "ServeSettings", "build_engine", "check_exposure", "c
 ENDPOINTS = (
     "/v1/classify",
     "/v1/extract",
+    "/v1/generate",
     "/v1/chat/completions",
     "/v1/models",
     "/v1/models/{model}",
@@ -103,9 +114,9 @@ def discover_runs(run_dir: Path, settings: ServeSettings) -> dict[str, Path]:
             runs[child.name] = child
     for path in runs.values():
         kind = read_manifest(path, kind=None).get("kind", CLASSIFICATION)  # a RunError if unfinished
-        if kind not in (CLASSIFICATION, EXTRACTION):
+        if kind not in (CLASSIFICATION, EXTRACTION, GENERATION):
             raise RunError(
-                f"{path} is a {kind} run; only classification and extraction runs are served",
+                f"{path} is a {kind} run; only classification, extraction and generation runs are served",
                 fix=f"move {path} out of the served runs",
             )
     return runs
@@ -136,9 +147,10 @@ class Api:
     def require(self, name: str, kind: str) -> None:
         """A 400 when the adapter is not of `kind` (a classifier asked to extract, or the reverse)."""
         found = EXTRACTION if name in self.engine.extractors else CLASSIFICATION
+        found = GENERATION if name in self.engine.generators else found
         if found != kind:
-            route = "/v1/extract" if found == EXTRACTION else "/v1/classify"
-            kind_of = "an extraction" if found == EXTRACTION else "a classification"
+            route = {EXTRACTION: "/v1/extract", GENERATION: "/v1/generate"}.get(found, "/v1/classify")
+            kind_of = {EXTRACTION: "an extraction", GENERATION: "a generation"}.get(found, "a classification")
             raise HTTPException(400, f"adapter {name!r} is {kind_of} run: use {route} or /v1/chat/completions")
 
     def check_texts(self, texts: list[str]) -> None:
@@ -154,10 +166,12 @@ class Api:
             self.engine.metrics.rejected.labels("too_large").inc()
             raise HTTPException(413, f"a text is over {limits.max_text_chars} characters")
 
-    async def answer(self, adapter: str, texts: list[str], count_tokens: bool = False) -> tuple[Job, Outcome]:
+    async def answer(
+        self, adapter: str, texts: list[str], count_tokens: bool = False, max_tokens: int | None = None
+    ) -> tuple[Job, Outcome]:
         self.check_texts(texts)
         try:
-            job = self.engine.submit(adapter, texts, count_tokens)
+            job = self.engine.submit(adapter, texts, count_tokens, max_tokens)
         except Overloaded:
             retry = {"Retry-After": str(self.settings.retry_after_s)}
             raise HTTPException(503, "the queue is full; retry shortly", headers=retry) from None
@@ -184,6 +198,7 @@ def create_app(engine: Engine, on_ready: Callable[[], None] | None = None) -> An
     add_middleware(app, engine)
     add_error_handlers(app)
     add_routes(app, Api(engine))
+    add_generate_route(app, Api(engine))
     return app
 
 
@@ -238,7 +253,8 @@ def add_routes(app: FastAPI, api: Api) -> None:
         api.require(adapter, CLASSIFICATION)
         job, out = await api.answer(adapter, texts_of(req))
         results = [
-            {"label": p.label, "probability": p.probability, "probabilities": p.probabilities} for p in out.predictions
+            {"label": p.label, "probability": p.probability, "probabilities": p.probabilities, "stage": p.stage}
+            for p in out.predictions
         ]
         return head(job, adapter, out) | {"results": results}
 
@@ -259,8 +275,9 @@ def add_routes(app: FastAPI, api: Api) -> None:
         text = last_user_text(req.messages)
         if text is None:
             raise HTTPException(400, "the messages hold no user message with text")
-        job, out = await api.answer(adapter, [text], count_tokens=True)
-        ignored = ignored_fields(req, system_prompt_of(engine, adapter))
+        max_tokens, used = chat_limits(engine, adapter, req)
+        job, out = await api.answer(adapter, [text], count_tokens=True, max_tokens=max_tokens)
+        ignored = [f for f in ignored_fields(req, system_prompt_of(engine, adapter)) if f not in used]
         headers = {IGNORED_HEADER: ", ".join(ignored)} if ignored else None
         if req.stream:
             events = chat_stream(job.request_id, adapter, out, req, ignored)
@@ -291,24 +308,53 @@ def build_engine(run_dir: str | Path, settings: ServeSettings) -> Engine:
     check_settings(settings)
     runs = discover_runs(Path(run_dir), settings)
     extracting = {name: path for name, path in runs.items() if RunDir(path).kind() == EXTRACTION}
-    classifying: dict[str, str | Path] = {name: path for name, path in runs.items() if name not in extracting}
-    if extracting and settings.quantize:
+    generating = {name: path for name, path in runs.items() if RunDir(path).kind() == GENERATION}
+    classifying: dict[str, str | Path] = {
+        name: path for name, path in runs.items() if name not in extracting and name not in generating
+    }
+    if (extracting or generating) and settings.quantize:
         raise ConfigError(
-            f"--quantize {settings.quantize} applies to classification runs; {', '.join(extracting)} extract",
+            f"--quantize {settings.quantize} applies to classification runs; "
+            f"{', '.join([*extracting, *generating])} extract or generate",
             fix="serve the extraction runs without --quantize (or from a server of their own)",
         )
     set_threads(settings.threads)
-    classifiers = (
-        load_adapters(classifying, dtype=settings.dtype, threads=settings.threads, quantize=settings.quantize)
-        if classifying
-        else {}
-    )
+    classifiers = load_predictors(classifying, settings)
     # Each extraction run loads its own merged copy of its base (they are not peft-switched).
     extractors = {name: Extractor.from_run(path, dtype=settings.dtype) for name, path in extracting.items()}
+    generators = {name: Generator.from_run(path, dtype=settings.dtype) for name, path in generating.items()}
     url = settings.log_url or default_url(run_dir)
     plog = PredictionLog(url, retain_days=settings.retain_days)
     log.info("serving %s; logging predictions to %s", ", ".join(runs), redact(url))
-    return Engine(classifiers, plog, settings, extractors)
+    return Engine(classifiers, plog, settings, extractors, generators)
+
+
+def load_predictors(runs: dict[str, str | Path], settings: ServeSettings) -> dict[str, Any]:
+    """A predictor per classification run: plain runs share one base; a cascade run loads its stages.
+
+    With `settings.abstain`, every run's abstain.json is read before any model loads.
+    """
+    thresholds = {name: load_threshold(path) for name, path in runs.items()} if settings.abstain else {}
+    cascades = [name for name, path in runs.items() if RunDir(path).cascade.is_file()]
+    plain = {name: path for name, path in runs.items() if name not in cascades}
+    kwargs: dict[str, Any] = {"dtype": settings.dtype, "threads": settings.threads, "quantize": settings.quantize}
+    loaded: dict[str, Any] = load_adapters(plain, **kwargs) if plain else {}
+    for name in cascades:
+        loaded[name] = Classifier.from_run(runs[name], **kwargs)
+        check_stages(loaded[name])
+    out = {}
+    for name in runs:  # in the order the runs were found
+        out[name] = AbstainingClassifier(loaded[name], thresholds[name]) if name in thresholds else loaded[name]
+    return out
+
+
+def check_stages(predictor: Any) -> None:
+    """Every stage that can check itself (a teacher's endpoint) does, now rather than on the first request."""
+    for stage in getattr(predictor, "stages", []):
+        model = stage[1] if isinstance(stage, tuple) else stage
+        check = getattr(model, "check", None)
+        if callable(check):
+            check()
 
 
 def serve(run_dir: str | Path, settings: ServeSettings, on_ready: Callable[[], None] | None = None) -> None:

@@ -41,7 +41,8 @@ class ServeSettings(BaseModel):
     retry_after_s: int = Field(1, ge=1)
     threads: int | None = Field(None, ge=1)
     dtype: str = "auto"
-    quantize: Literal["int8"] | None = None  # dynamic int8 on the CPU (classifier.quantize_int8)
+    quantize: Literal["int8", "int8-torchao"] | None = None  # dynamic int8 on the CPU (model.quantize.quantize_int8)
+    abstain: bool = False  # answer `unknown` under each run's abstain.json threshold (`taskling calibrate`)
 
 
 def is_loopback(host: str) -> bool:

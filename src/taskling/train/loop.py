@@ -42,7 +42,10 @@ from taskling.train.checkpoint import (
     save_adapter,
     save_checkpoint,
 )
-from taskling.train.loss import AnswerLoss, Row, answer_tokens, batches, collate, pack, validation_loss
+from taskling.train.defaults import resolve_defaults
+from taskling.train.loss import Row, batches, collate, pack
+from taskling.train.objective import Objective, ObjectiveLoss, objective_validation_loss
+from taskling.train.prefix import prefix_unsupported
 from taskling.train.speed import Levers, apply_model_levers, search_micro_batch
 from taskling.train.tracking import Trackers, open_trackers
 
@@ -157,7 +160,7 @@ class Loop:
     settings: TrainSettings
     run: RunDir
     model: Any  # the peft model
-    objective: Any  # AnswerLoss, wrapped for DDP: (loss summed over answer tokens, token count)
+    objective: Any  # ObjectiveLoss, wrapped for DDP: (loss summed over its units, the unit count)
     optimizer: Any
     scheduler: Any
     trainable: list[torch.nn.Parameter]
@@ -170,6 +173,7 @@ class Loop:
     eval_every: int
     checkpoints: bool  # False for extract-train, which always starts over
     levers: Levers | None = None  # packing, micro-batch splitting (train/speed.py)
+    spec: Objective = field(default_factory=Objective)  # what ObjectiveLoss computes (train/objective.py)
     chunk_rows: int = 0  # rows per forward pass when the micro-batch search split it; 0: all at once
     history: IO[str] | None = None
     tracker: Trackers | None = None  # `train.report_to`, on the main process
@@ -182,7 +186,8 @@ class Loop:
 
     def batch_indices(self, epoch: int, position: int) -> list[int]:
         if self._epoch_batches[0] != epoch:
-            self._epoch_batches = (epoch, batches(self.train_rows, self.settings.batch_size, self.settings.seed, epoch))
+            size = self.settings.batch_size or 1  # resolved by build_loop
+            self._epoch_batches = (epoch, batches(self.train_rows, size, self.settings.seed, epoch))
         return self._epoch_batches[1][position]
 
     def to_batch(self, rows: list[Row]) -> dict[str, torch.Tensor]:
@@ -216,10 +221,17 @@ def build_loop(
     *,
     checkpoints: bool = True,
     levers: Levers | None = None,
+    objective: Objective | None = None,
+    labels: int = 0,
 ) -> Loop:
-    """The optimizer (AdamW), the schedule and the step counts for training `model` on `train_rows`."""
+    """The optimizer (AdamW), the schedule and the step counts for training `model` on `train_rows`.
+
+    Unset epochs, learning rate, warmup and batch size are filled by data size (`train/defaults.py`,
+    from `train_rows` and `labels`); `objective` defaults to the LM answer loss."""
     from transformers import get_scheduler
 
+    settings, _ = resolve_defaults(settings, len(train_rows), labels)
+    assert settings.batch_size and settings.epochs and settings.learning_rate and settings.warmup_ratio is not None
     if settings.batch_size < accelerator.num_processes:
         raise ConfigError(
             f"train.batch_size={settings.batch_size} is the global batch: "
@@ -230,6 +242,7 @@ def build_loop(
     total_steps = settings.max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
     levers = levers or Levers.resolve(settings, world=accelerator.num_processes)
     apply_model_levers(model, levers)
+    spec = with_shared_prefix(objective or Objective(), settings, model, levers)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(
@@ -242,7 +255,7 @@ def build_loop(
         settings=settings,
         run=RunDir(run_dir),
         model=model,
-        objective=accelerator.prepare_model(AnswerLoss(model)),
+        objective=accelerator.prepare_model(ObjectiveLoss(model, spec)),
         optimizer=optimizer,
         scheduler=scheduler,
         trainable=trainable,
@@ -255,10 +268,26 @@ def build_loop(
         eval_every=settings.eval_every or steps_per_epoch,
         checkpoints=checkpoints,
         levers=levers,
+        spec=spec,
     )
     if levers.auto_batch:
         loop.chunk_rows = search_micro_batch(loop.objective, optimizer, train_rows, settings.batch_size, loop.to_batch)
     return loop
+
+
+def with_shared_prefix(objective: Objective, settings: TrainSettings, model: Any, levers: Levers) -> Objective:
+    """`objective` with prefix-once training on where `train.shared_prefix` asks for it and it applies."""
+    from dataclasses import replace
+
+    if settings.shared_prefix is False:
+        return replace(objective, shared_prefix=False)
+    why = prefix_unsupported(
+        model.get_base_model().config, packing=levers.packing, gradient_checkpointing=levers.gradient_checkpointing
+    )
+    if why is not None:
+        level = logging.WARNING if settings.shared_prefix else logging.DEBUG
+        log.log(level, "prefix-once training off: %s", why)
+    return replace(objective, shared_prefix=why is None)
 
 
 def iter_history(run_dir: str | Path) -> Iterator[dict[str, Any]]:
@@ -311,9 +340,9 @@ def micro_step(loop: Loop, idx: list[int]) -> tuple[float, int]:
     """Forward and backward over this process's rows of one micro-batch: (loss, tokens)."""
     acc, world = loop.accelerator, loop.world
     pieces, tokens = loop.micro_batches(idx)
-    count = torch.tensor(float(sum(answer_tokens(b) for b in pieces)), device=loop.device)
+    count = torch.tensor(float(sum(loop.spec.units(b) for b in pieces)), device=loop.device)
     total = float(acc.reduce(count, "sum") if world > 1 else count)
-    # Normalised by the answer tokens of all processes; DDP averages gradients over
+    # Normalised by the answer tokens (or rows: `train.objective=labels`) of all processes; DDP averages gradients over
     # processes, hence the factor `world`.
     scale = world / max(total, 1.0) / loop.settings.gradient_accumulation
     loss_sum = torch.zeros((), device=loop.device)
@@ -352,7 +381,8 @@ def evaluate(loop: Loop, state: TrainState) -> None:
         return
     settings = loop.settings
     base_model = loop.model.get_base_model()
-    loss = validation_loss(base_model, loop.val_rows, settings.batch_size * 2, loop.pad_id, loop.device)
+    size = 2 * (settings.batch_size or 1)
+    loss = objective_validation_loss(loop.spec, base_model, loop.val_rows, size, loop.pad_id, loop.device)
     improved = state.best_val_loss is None or loss < state.best_val_loss - settings.min_delta
     if improved:
         state.best_val_loss, state.best_step, state.bad_evals = loss, state.step, 0

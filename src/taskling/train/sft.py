@@ -34,6 +34,7 @@ from taskling.model.loader import ChatFormat, load_tokenizer, resolve_base
 from taskling.model.presets import apply_preset
 from taskling.rundir import RunDir
 from taskling.train.checkpoint import has_checkpoint
+from taskling.train.defaults import resolve_defaults
 from taskling.train.loop import (
     ProgressFn,
     TrainingInterrupted,
@@ -47,6 +48,7 @@ from taskling.train.loop import (
     train_loop,
 )
 from taskling.train.loss import AnswerLoss, answer_logits, answer_loss, batches, collate, head_logits, validation_loss
+from taskling.train.objective import Objective
 from taskling.train.resume import check_resumable, clear_run, holds_a_run
 from taskling.train.speed import Levers, load_training_base
 from taskling.version import __version__
@@ -194,20 +196,26 @@ def train(
     set_seed(settings.seed)
 
     data = prepare_data(config)
+    settings, auto = resolve_defaults(settings, len(data.train), len(config.task.labels))
+    config = config.model_copy(update={"train": settings})  # config.yaml records the resolved values
     resuming = claim_run_dir(run, config, data, resume=resume, main=main)
     base_path = resolve_base(config.model.base, config.model.gguf_file, config.model.chat_template)
     tokenizer = load_tokenizer(base_path, config.model.chat_template)
     fmt = ChatFormat(tokenizer, config.task, config.model.max_length)
     fmt.label_sequences  # noqa: B018 -- fail early if two labels tokenize alike
     if main:
-        write_run_files(run, config, data, run_manifest(config, base_path, fmt, data), tokenizer)
+        manifest = {**run_manifest(config, base_path, fmt, data), "train_defaults_by_size": auto}
+        write_run_files(run, config, data, manifest, tokenizer)
     accelerator.wait_for_everyone()
 
     model = lora_model(load_training_base(config.model, base_path, accelerator.device), config.lora)
     train_rows, val_rows = tokenize(data.train, fmt), tokenize(data.validation, fmt)
     levers = Levers.resolve(settings, config.model, world=accelerator.num_processes)
     pad_id = tokenizer.pad_token_id
-    loop = build_loop(settings, model, run.root, train_rows, val_rows, pad_id, accelerator, levers=levers)
+    objective = Objective.for_labels(settings.objective, fmt.label_sequences, label_weight=settings.label_loss_weight)
+    loop = build_loop(
+        settings, model, run.root, train_rows, val_rows, pad_id, accelerator, levers=levers, objective=objective
+    )
     state = start_state(loop, resume=resuming)
     return train_loop(
         loop, state, skipped_rows=len(data.loaded.bad_rows), progress=progress, stop_after_steps=stop_after_steps

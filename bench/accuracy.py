@@ -1,0 +1,344 @@
+"""Is the specialist the best rung? CLINC150 150-way, rung x rows-per-label, one table (issue 14).
+
+    python bench/accuracy.py                                   # every rung, 20 rows per label and full
+    python bench/accuracy.py --rungs lora --rows-per-label 20 --set train.objective=labels
+    python bench/accuracy.py --rungs lora --rows-per-label full --max-train-minutes 50   # rerun to continue
+    python bench/accuracy.py --table                           # re-print the table from the cache
+    python bench/accuracy.py --throughput                      # prefix-once vs plain training rows/s, demo config
+    python bench/accuracy.py --smoke                           # tiny random model, 8 fixture intents, seconds
+
+Data: the official splits (train 100 rows per label, in-scope test 4,500 rows), sampled per
+label with a fixed seed for `--rows-per-label N`; validation is 5 rows per label of the
+official validation split. Every (rung, rows, settings) result is cached as JSON under
+`--out` (default runs/accuracy/results/), with the test probabilities beside it, so pieces run
+separately, a finished piece is never recomputed, and `lora+minilm` combines cached
+probabilities. LoRA runs live in `--out`/runs/; `--max-train-minutes` interrupts training
+after that long (checkpointed): the next invocation resumes it. Columns: accuracy and
+macro-F1 on the test rows, the worst category (name, accuracy), training minutes and the
+median milliseconds per single message on this machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from common import bench_parser, clinc_dir, print_table, read_rows, tiny_model, work_dir, write_rows
+
+BASE = "bundled:smollm2-135m"
+LLM_RUNGS = ("lora",)
+log = logging.getLogger("accuracy")
+
+
+# ---------------------------------------------------------------- data
+
+
+def subset(rows: list[dict[str, Any]], per_label: int | None, seed: int = 0) -> list[dict[str, Any]]:
+    """`per_label` rows of each label (seeded sample, file order kept); None: all rows."""
+    if per_label is None:
+        return rows
+    by_label: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_label.setdefault(r["label"], []).append(i)
+    rng = random.Random(seed)
+    keep = sorted(i for idx in by_label.values() for i in rng.sample(idx, min(per_label, len(idx))))
+    return [rows[i] for i in keep]
+
+
+def rows_arg(value: str) -> int | None:
+    return None if value == "full" else int(value)
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def settings_key(rung: str, rows: str, overrides: Sequence[str], base: str) -> str:
+    """The cache file's name: rung, rows, and (for LLM rungs) the base and the overrides."""
+    extra = sorted(overrides) if rung.split("+")[0] in LLM_RUNGS else []
+    digest = hashlib.sha256(json.dumps([base if extra or rung in LLM_RUNGS else "", extra]).encode()).hexdigest()
+    return f"{rung.replace('+', '_and_')}__{rows}__{digest[:10]}"
+
+
+def cached(out: Path, key: str) -> dict[str, Any] | None:
+    path = out / "results" / f"{key}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save(out: Path, key: str, result: dict[str, Any], probs: list[list[float]]) -> None:
+    import numpy as np
+
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    np.save(out / "results" / f"{key}.npy", np.asarray(probs, dtype=np.float32))
+    (out / "results" / f"{key}.json").write_text(json.dumps(result, indent=2))
+
+
+def load_probs(out: Path, key: str) -> list[list[float]]:
+    import numpy as np
+
+    return np.load(out / "results" / f"{key}.npy").tolist()
+
+
+# ---------------------------------------------------------------- rungs
+
+
+def measure(predict: Callable[[Sequence[str]], list[list[float]]], texts: list[str], samples: int) -> tuple[Any, float]:
+    """Probabilities for `texts` (batched) and the median ms of a single-message call."""
+    probs = predict(texts)
+    timings = []
+    for text in texts[:: max(1, len(texts) // samples)][:samples]:
+        t0 = time.perf_counter()
+        predict([text])
+        timings.append((time.perf_counter() - t0) * 1000)
+    return probs, statistics.median(timings)
+
+
+def lora_config(args: Any, data: Path, train_file: Path, run: Path, labels: list[str]) -> Any:
+    from taskling.config import build_config, merge, parse_overrides
+
+    raw: dict[str, Any] = {
+        "task": {"name": "clinc150", "labels": labels},
+        "data": {"train": [str(train_file)], "validation": [str(run.parent / "validation.jsonl")]},
+        "model": {"base": args.base, "max_length": 96},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+        "train": {"patience": 2, "seed": 0},
+        "run_dir": str(run),
+    }
+    if args.smoke:
+        raw["model"] = {"base": args.base, "dtype": "float32", "max_length": 128}
+        raw["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+        raw["train"] = {"max_steps": 3, "batch_size": 8, "learning_rate": 5e-3, "seed": 0, "threads": 1}
+    return build_config(merge(raw, parse_overrides(args.set)), source="accuracy bench config")
+
+
+def train_with_limit(config: Any, minutes: float | None) -> float:
+    """Train (resuming a checkpoint); past `minutes`, stop as Ctrl-C would. Returns seconds spent."""
+    from taskling.train.loop import TrainingInterrupted
+    from taskling.train.sft import train
+
+    started = time.perf_counter()
+
+    def progress(step: int, total: int, info: dict[str, float]) -> None:
+        if minutes is not None and time.perf_counter() - started > minutes * 60:
+            os.kill(os.getpid(), signal.SIGINT)  # the loop checkpoints this step and stops
+
+    try:
+        train(config, resume=True, progress=progress)
+    except TrainingInterrupted as err:
+        log.warning("%s", err)
+    return time.perf_counter() - started
+
+
+def lora_rung(args: Any, data: Path, rows: str, labels: list[str], train_file: Path) -> tuple[Any, float, float]:
+    from taskling.rundir import RunDir
+    from taskling.serve.classifier import Classifier
+
+    run = args.out / "runs" / settings_key("lora", rows, args.set, args.base) / "run"
+    run.parent.mkdir(parents=True, exist_ok=True)
+    write_rows(run.parent / "validation.jsonl", subset(read_rows(data / "validation.jsonl"), 5))
+    config = lora_config(args, data, train_file, run, labels)
+    seconds = train_with_limit(config, args.max_train_minutes)
+    spent = run.parent / "train_seconds.json"  # summed over resumed invocations
+    total = seconds + (json.loads(spent.read_text()) if spent.is_file() else 0.0)
+    spent.write_text(json.dumps(total))
+    if not RunDir(run).summary.is_file() or not RunDir(run).adapter.is_dir():
+        raise SystemExit(f"lora ({rows} rows per label): training stopped at the time limit; rerun to continue")
+    clf = Classifier.from_run(run, device=None)
+    labels_order = list(clf.task.labels)
+
+    def predict(texts: Sequence[str]) -> list[list[float]]:
+        return [[p.probabilities[label] for label in labels_order] for p in clf.predict(list(texts))]
+
+    return predict, total, 0.0
+
+
+def sklearn_rung(kind: str, train_rows: list[dict[str, Any]], labels: list[str]) -> tuple[Any, float, float]:
+    from taskling.data.load import Example
+    from taskling.evaluate.ladder import minilm_rung, tfidf_rung
+
+    examples = [Example(r["text"], r["label"]) for r in train_rows]
+    predict, seconds, _ = (tfidf_rung if kind == "tfidf" else minilm_rung)(examples, labels)
+    return predict, seconds, 0.0
+
+
+def score_rung(args: Any, rung: str, rows: str, data: Path, labels: list[str]) -> dict[str, Any]:
+    """The rung's cached result, or train and score it now and cache it."""
+    from taskling.evaluate.combine import product_of_probabilities
+    from taskling.evaluate.metrics import score
+
+    key = settings_key(rung, rows, args.set, args.base)
+    hit = cached(args.out, key)
+    if hit is not None:
+        return hit
+    test = [r for r in read_rows(data / "test.jsonl") if r["label"] in set(labels)]
+    texts = [r["text"] for r in test]
+    if "+" in rung:
+        parts = [score_rung(args, part, rows, data, labels) for part in rung.split("+")]
+        probs = product_of_probabilities(*(load_probs(args.out, p["key"]) for p in parts))
+        seconds, latency = sum(p["train_seconds"] for p in parts), sum(p["ms_per_message"] for p in parts)
+    else:
+        train_rows = subset(read_rows(data / "train.jsonl"), rows_arg(rows))
+        train_file = write_rows(args.out / "data" / f"train-{rows}.jsonl", train_rows)
+        log.info("%s: %d training rows", rung, len(train_rows))
+        if rung == "lora":
+            predict, seconds, _ = lora_rung(args, data, rows, labels, train_file)
+        else:
+            predict, seconds, _ = sklearn_rung(rung, train_rows, labels)
+        probs, latency = measure(predict, texts, 3 if args.smoke else 20)
+    predicted = [labels[max(range(len(labels)), key=row.__getitem__)] for row in probs]
+    metrics = score([r["label"] for r in test], predicted, labels)
+    result = {
+        "key": key,
+        "rung": rung,
+        "rows_per_label": rows,
+        "settings": sorted(args.set),
+        "base": args.base,
+        "test_rows": len(test),
+        "accuracy": metrics.accuracy,
+        "macro_f1": metrics.macro_f1,
+        "worst_category": metrics.worst_category,
+        "worst_category_accuracy": metrics.worst_category_accuracy,
+        "train_seconds": seconds,
+        "ms_per_message": latency,
+    }
+    save(args.out, key, result, probs)
+    return result
+
+
+def print_results(results: list[dict[str, Any]]) -> None:
+    columns = ["rung", "rows/label", "settings", "accuracy", "macro-F1", "worst category", "train min", "ms/msg"]
+    rows = [
+        [
+            r["rung"],
+            r["rows_per_label"],
+            " ".join(r["settings"]) or "-",
+            f"{r['accuracy']:.2%}",
+            f"{r['macro_f1']:.3f}",
+            f"{r['worst_category']} ({r['worst_category_accuracy']:.0%})",
+            f"{r['train_seconds'] / 60:.1f}",
+            f"{r['ms_per_message']:.1f}",
+        ]
+        for r in results
+    ]
+    print_table("CLINC150 in-scope test: rung x rows per label", columns, rows)
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row) + " |")
+
+
+# ---------------------------------------------------------------- prefix-once throughput
+
+
+def throughput(args: Any) -> None:
+    """Training rows/s and tokens/s, plain path vs prefix-once, side by side in one process.
+
+    The demo's config, model (its dtype) and rows; each timed step is one micro-batch's
+    forward and backward pass (the optimizer step, the same for both, is left out; the model
+    does not change between paths), and the two paths alternate batch by batch
+    (the same batches), so a busy machine slows both alike. The first round is warm-up.
+    """
+    import torch
+
+    from taskling.config import build_config, merge, parse_overrides
+    from taskling.data.demo import prepare_demo
+    from taskling.model.loader import ChatFormat, load_tokenizer, resolve_base
+    from taskling.train.loop import lora_model
+    from taskling.train.loss import batches, collate
+    from taskling.train.objective import Objective, ObjectiveLoss
+    from taskling.train.sft import prepare_data, tokenize
+    from taskling.train.speed import load_training_base
+
+    config, _ = prepare_demo(args.out / "throughput", data_dir=args.data_dir, base=args.base)
+    config = build_config(merge(config.model_dump(mode="json"), parse_overrides(args.set)))  # e.g. train.batch_size=32
+    path = resolve_base(config.model.base)
+    fmt = ChatFormat(load_tokenizer(path), config.task, config.model.max_length)
+    model_cfg = config.model.model_copy(update={"dtype": "float32"}) if args.smoke else config.model
+    model = lora_model(load_training_base(model_cfg, path, "cpu"), config.lora)
+    rows = tokenize(prepare_data(config).train, fmt)
+    size = config.train.batch_size or 8
+    picked = [collate([rows[i] for i in b], fmt.tokenizer.pad_token_id, "cpu") for b in batches(rows, size, 0, 0)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    paths = {
+        "plain": ObjectiveLoss(model, Objective(shared_prefix=False)),
+        "prefix-once": ObjectiveLoss(model, Objective(shared_prefix=True)),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    losses: dict[str, list[float]] = {name: [] for name in paths}
+    steps = 3 if args.smoke else args.steps
+    for step in range(steps + 1):
+        batch = picked[step % len(picked)]
+        for name, objective in paths.items():
+            started = time.perf_counter()
+            total, units = objective(**batch)
+            (total / units).backward()
+            losses[name].append(float(total.detach() / units))
+            optimizer.zero_grad(set_to_none=True)  # no weight change: both paths see the same model
+            if step:  # round 0 is warm-up
+                seconds[name].append(time.perf_counter() - started)
+    # Medians: on a shared machine a step now and then takes 5x longer, whichever path it hits.
+    tokens = statistics.median(int(picked[s % len(picked)]["attention_mask"].sum()) for s in range(1, steps + 1))
+    step_s = {name: statistics.median(times) for name, times in seconds.items()}
+    table = [
+        [name, steps, f"{size / step_s[name]:.2f}", f"{tokens / step_s[name]:.0f}", f"{losses[name][-1]:.5f}"]
+        for name in paths
+    ]
+    ratio = step_s["plain"] / max(step_s["prefix-once"], 1e-9)
+    prefix = len(fmt.template.prefix_ids)
+    columns = ["path", "steps", "rows/s (median step)", "tokens/s", "last loss"]
+    caption = f"{prefix} shared prompt tokens; prefix-once / plain: {ratio:.2f}x"
+    title = f"training throughput, demo config, batch {size}, {next(model.parameters()).dtype}"
+    print_table(title, columns, table, caption=caption)
+    print(f"prefix-once speed-up, training rows/s: {ratio:.2f}x")
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--out", type=Path, default=Path("runs/accuracy"))
+    parser.add_argument("--data-dir", type=Path, default=None, help="CLINC150 folder (default: ../shared/...)")
+    parser.add_argument("--rungs", default="tfidf,minilm,lora,lora+minilm")
+    parser.add_argument("--rows-per-label", default="20,full", help="comma-separated: numbers or 'full'")
+    parser.add_argument("--set", action="append", default=[], help="a config override for the lora rung")
+    parser.add_argument("--base", default=BASE)
+    parser.add_argument("--max-train-minutes", type=float, default=None)
+    parser.add_argument("--table", action="store_true", help="print every cached result and stop")
+    parser.add_argument("--throughput", action="store_true", help="prefix-once vs plain training speed")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per path for --throughput")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
+    if args.smoke:
+        import torch
+
+        torch.set_num_threads(1)
+        work = work_dir("accuracy")
+        args.out, args.data_dir = work, clinc_dir(None, smoke=True)
+        args.base, args.rungs, args.rows_per_label = str(tiny_model(work / "tiny")), "tfidf,lora,lora+tfidf", "5,full"
+    if args.table:
+        results = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
+        print_results(results)
+        return
+    if args.throughput or args.smoke:
+        throughput(args)
+        if not args.smoke:
+            return
+    data = clinc_dir(args.data_dir, smoke=False) if not args.smoke else args.data_dir
+    labels = [x.strip() for x in (data / "LABELS.txt").read_text().splitlines() if x.strip()]
+    results = [
+        score_rung(args, rung, rows, data, labels)
+        for rows in args.rows_per_label.split(",")
+        for rung in args.rungs.split(",")
+        if rung
+    ]
+    print_results(results)
+
+
+if __name__ == "__main__":
+    main()
