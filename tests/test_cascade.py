@@ -106,9 +106,22 @@ def test_sweep_keeps_accuracy_within_max_loss_and_sends_least_to_the_big_stage()
     assert point["accuracy"] >= reference  # within max_loss = 0
     assert point["share"]["cheap"] == pytest.approx(0.80)  # every row it gets right stays cheap, no wrong one
     assert 0.6 < point["thresholds"]["cheap"] <= 0.62
-    loose = sweep(runs, gold, LABELS, max_loss=0.25)
+    loose = sweep(runs, gold, LABELS, max_loss=0.25, category_margin=1.0)
     assert loose[0][loose[1]]["share"]["cheap"] == 1.0  # 80% >= 99% - 25%: the big stage gets nothing
     assert point["p50_ms"] == 1.0 and point["p99_ms"] == pytest.approx(51.0)
+
+
+def test_sweep_refuses_a_point_that_sinks_one_category() -> None:
+    # The cheap stage is sure and right on all 90 "a" rows, sure and wrong on all 10 "b" rows:
+    # 90% overall is within a 10-point max_loss of the big stage's 100%, but "b" falls to 0%.
+    gold = ["a"] * 90 + ["b"] * 10
+    cheap = stage_run("cheap", ["a"] * 100, gold, [0.9] * 100)
+    runs = [cheap, stage_run("big", gold, gold, [0.9] * 100)]
+    curve, chosen, _ = sweep(runs, gold, LABELS, max_loss=0.10)
+    assert curve[chosen]["share"]["cheap"] == 0.0  # nothing separates the "b" rows: all go to the big stage
+    assert curve[chosen]["accuracy"] == 1.0 and all("_right" not in p for p in curve)
+    aggregate_only = sweep(runs, gold, LABELS, max_loss=0.10, category_margin=1.0)
+    assert aggregate_only[0][aggregate_only[1]]["share"]["cheap"] == 1.0
 
 
 def test_temperature_fit_sharpens_an_underconfident_stage() -> None:

@@ -74,6 +74,21 @@ def test_train_dispatches_and_writes_a_generation_run(gen_run: tuple[Path, Path]
     # The kept rows read back as instruction/response rows with their slice.
     first = json.loads(RunDir(run).train_data.read_text().splitlines()[0])
     assert set(first) == {"instruction", "response", "slice"}
+    # Unset auto fields are recorded as resolved, like a classifier run's (warmup was left unset).
+    recorded = yaml.safe_load(RunDir(run).config.read_text())["train"]
+    assert recorded["warmup_ratio"] is not None and recorded["epochs"] == 1
+
+
+def test_label_set_objective_is_refused_for_generation(gen_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run, _ = gen_run
+    config = yaml.safe_load(RunDir(run).config.read_text())
+    config["train"]["objective"] = "labels"
+    config["run_dir"] = str(tmp_path / "run")
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 2 and "train.objective=labels" in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_generator_from_run_answers_in_format(gen_run: tuple[Path, Path]) -> None:

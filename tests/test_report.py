@@ -162,3 +162,80 @@ def test_report_renders_in_headless_chromium_without_console_errors(browser: Any
     ladder_rows = browser.find_elements(By.CSS_SELECTOR, "table.ladder tbody tr")
     assert [r.find_element(By.TAG_NAME, "td").text for r in ladder_rows] == ["tfidf", "lora"]
     assert console_errors(browser) == []
+
+
+# ---------------------------------------------------------------- a generation run's review form
+
+NASTY = "</script><b id=injected>x</b> & 'q'"
+
+
+@pytest.fixture
+def generation_run(tmp_path: Path) -> Path:
+    """A scored generation run (no model): manifest, metrics.json, predictions.jsonl, history."""
+    from taskling.generate.spec import GenerationTask
+    from taskling.io import write_json
+    from taskling.rundir import GENERATION, RunDir
+
+    run = RunDir(tmp_path / "genrun")
+    output = {"format": "regex", "pattern": r"[A-Z]{2}-\d{3}"}
+    task = GenerationTask(name="codes", output=output)  # type: ignore[arg-type]
+    write_json(run.manifest, {"kind": GENERATION, "task": task.model_dump(mode="json")})
+    run.adapter.mkdir()
+    run.adapter_weights.write_bytes(b"")
+
+    def row(text: str, gold: str, output: str, rouge: float) -> dict[str, Any]:
+        scores = {"exact": float(gold == output), "rouge_l": rouge, "valid": 1.0}
+        return {"text": text, "gold": gold, "label": output, "output": output, "valid": True, "problem": "",
+                "slice": text[:1], "scores": scores}  # fmt: skip
+
+    write_jsonl(run.predictions, [row("alpha", "AB-123", "AB-123", 1.0), row("bravo", "BR-111", "BR-112", 0.2),
+                                  row(NASTY, "NA-100", "NA-101", 0.5)])  # fmt: skip
+    means = {"exact": 1 / 3, "rouge_l": 0.5667, "valid": 1.0}
+    write_json(run.metrics, {"kind": "generation", "metric": "rouge_l", "n": 3, "means": means, "gold_hash": "ab" * 16,
+                             "per_slice": {"a": {"n": 1, "rouge_l": 1.0, "valid": 1.0}}, "worst_slice": "a",
+                             "worst_slice_score": 1.0})  # fmt: skip
+    history = [{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": 1.5}, {"step": 2, "val_loss": 1.7}]
+    write_jsonl(run.history, history)
+    return run.root
+
+
+def test_generation_report_lists_the_worst_rows_escaped(generation_run: Path) -> None:
+    page = build_report(generation_run)
+    assert "<h2>Review</h2>" in page and 'id="review-download"' in page
+    assert "<b id=injected>" not in page  # neither in the table nor in the embedded JSON
+    assert page.count("</script>") == 2  # the data block and the script: no text closes one early
+    assert page.index("bravo") < page.index("&lt;/script&gt;")  # ranked as `taskling review`: worst first
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
+
+
+def test_review_form_marks_download_as_the_jsonl_review_apply_reads(browser: Any, generation_run: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    from taskling.generate.review import review_candidates
+    from taskling.io import read_jsonl
+    from taskling.rundir import RunDir
+
+    browser.get(write_report(generation_run).as_uri())
+    assert not browser.find_elements(By.ID, "injected")
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.review tbody tr")
+    assert [r.get_attribute("id") for r in rows] == ["review-1", "review-2"]
+    ids = {c["text"]: c["id"] for c in review_candidates(generation_run)}
+    bravo, nasty = ids["bravo"], ids[NASTY]
+    browser.find_element(By.CSS_SELECTOR, f'input[name="mark-{bravo}"][value="fixed"]').click()
+    box = browser.find_element(By.ID, f"fixed-{bravo}")
+    box.clear()
+    box.send_keys("BR-999")
+    browser.find_element(By.CSS_SELECTOR, f'input[name="mark-{nasty}"][value="wrong"]').click()
+    browser.find_element(By.ID, "review-download").click()  # the Blob download runs without an error
+    assert not console_errors(browser)
+    text = browser.execute_script("return reviewJsonl();")
+    marked = generation_run / "marked.jsonl"
+    marked.write_text(text, encoding="utf-8")
+    result = CliRunner().invoke(app, ["review", str(generation_run), "--apply", str(marked)])
+    assert result.exit_code == 0, result.output
+    run = RunDir(generation_run)
+    gold = {r["instruction"]: r["response"] for r in read_jsonl(run.reviewed_gold)}
+    assert gold == {"bravo": "BR-999", NASTY: "NA-100"}
+    assert {r["instruction"]: r["response"] for r in read_jsonl(run.reviewed_train)} == gold
+    pairs = read_jsonl(run.reviewed_pairs)
+    assert {"text": "bravo", "chosen": "BR-999", "rejected": "BR-112", "source": "review_fixed"} in pairs

@@ -105,6 +105,10 @@ class TrainSettings(_Strict):
     # computed once per micro-batch. null: on where it applies (not with packing, gradient
     # checkpointing or sliding-window layers); same loss and gradients as the plain path.
     shared_prefix: bool | None = None
+    # Which evaluation's adapter is kept: the lowest validation loss, or (generation runs) the
+    # best task metric on `metric_rows` validation rows generated at each evaluation.
+    select_by: Literal["val_loss", "metric"] = "val_loss"
+    metric_rows: int = Field(32, ge=1)
     # Experiment trackers that get the config, losses, learning rate, tokens/s and the final
     # numbers (docs/tracking.md); each needs its own package (pip install tensorboard, ...).
     report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(default_factory=list)
@@ -113,6 +117,16 @@ class TrainSettings(_Strict):
     @classmethod
     def _one_tracker(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+
+def loss_selected(train: TrainSettings) -> TrainSettings:
+    """Refuse `train.select_by: metric` where answers are labels or records (a generation-only setting)."""
+    if train.select_by == "metric":
+        raise ValueError(
+            "select_by: metric picks the adapter by generated text (task.kind: generate); labels and records "
+            "already pick by validation loss: remove train.select_by or set it to val_loss"
+        )
+    return train
 
 
 class ProjectConfig(_Strict):
@@ -124,6 +138,11 @@ class ProjectConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     run_dir: Path = Path("runs/default")
+
+    @field_validator("train")
+    @classmethod
+    def _select_by_loss(cls, train: TrainSettings) -> TrainSettings:
+        return loss_selected(train)
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -23,6 +23,9 @@ def cascade(
     max_loss: Annotated[
         float, typer.Option(help="Accuracy the cascade may lose against its last model stage, on validation rows.")
     ] = 0.005,
+    category_margin: Annotated[
+        float, typer.Option(help="Accuracy any one category may lose against the last model stage (the gate's rule).")
+    ] = 0.10,
     metric: Annotated[str, typer.Option(help="Confidence: probability (top) or margin (top minus runner-up).")] = (
         "probability"
     ),
@@ -40,8 +43,9 @@ def cascade(
 
     Cheap stages are fitted on the run's training rows; each stage's confidence is calibrated
     on its validation rows and the thresholds are chosen to keep accuracy within --max-loss of
-    the last model stage while sending the fewest messages to the expensive ones. `classify`,
-    `eval`, `predict-batch` and `serve` then use the cascade (`--no-cascade` to skip it).
+    the last model stage, and every category within --category-margin, while sending the
+    fewest messages to the expensive ones. `classify`, `eval`, `predict-batch` and `serve`
+    then use the cascade (`--no-cascade` to skip it).
     """
     from taskling.evaluate.cascade import build_cascade
     from taskling.evaluate.cost import cascade_curve
@@ -54,6 +58,7 @@ def cascade(
             run_dir,
             stages.split(","),
             max_loss=max_loss,
+            category_margin=category_margin,
             metric=metric,
             calibration=calibration,
             teacher_settings=settings,

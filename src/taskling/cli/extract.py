@@ -18,6 +18,7 @@ from taskling.cli.common import (
     shown,
     training_progress,
 )
+from taskling.errors import RunError
 
 
 def _render_extraction(metrics: dict[str, Any], title: str = "extraction") -> None:
@@ -128,8 +129,13 @@ def dpo_cmd(
 ) -> None:
     """Refine a run's adapter with DPO on preference pairs; with --gold, report if it helped."""
     from taskling.evaluate.refine import compare
-    from taskling.train.dpo import dpo
+    from taskling.train.dpo import dpo, run_kind
 
+    if gold is not None and run_kind(run_dir) == "generation":
+        raise RunError(
+            "--gold compares classification and extraction runs; a generation run is gated on its task metric",
+            fix="drop --gold; then taskling eval RUN_DIR-dpo GOLD.jsonl and taskling gate RUN_DIR-dpo",
+        )
     with progress_bar("dpo", "steps") as update:
         result = dpo(
             run_dir, pairs_file, out, beta=beta, learning_rate=lr, epochs=epochs, batch_size=batch_size, progress=update

@@ -39,6 +39,7 @@ import numpy as np
 
 from taskling.data.load import Example, content_hash, load_file
 from taskling.errors import ConfigError, RunError
+from taskling.evaluate.stats import CATEGORY_MARGIN
 from taskling.extras import needs
 from taskling.rundir import RunDir, read_manifest
 from taskling.serve.abstain import calibrate_threshold
@@ -172,6 +173,7 @@ def simulate(
         right |= pending & last.correct
         share[last.spec.name] += float(pending.mean())
     return {
+        "_right": right,  # per row, for the category check in `sweep` (dropped before the curve is kept)
         "thresholds": {r.spec.name: t for r, t in zip(runs, thresholds, strict=True) if r.model is not None},
         "share": share,
         "accuracy": float(right.mean()) if n else 0.0,
@@ -192,14 +194,29 @@ def _reach_key(point: dict[str, Any], names: Sequence[str]) -> tuple[float, ...]
     return tuple(sum(answered[i:]) for i in range(len(names) - 1, 0, -1))
 
 
+def worst_category_drop(right: np.ndarray, reference: np.ndarray, gold: Sequence[str]) -> float:
+    """The largest fall in one gold category's accuracy from `reference` to `right` (0 when none falls)."""
+    golds = np.asarray(gold)
+    drops = [float(reference[golds == g].mean() - right[golds == g].mean()) for g in set(gold)]
+    return max([0.0, *drops])
+
+
 def sweep(
     runs: Sequence[StageRun],
     gold: Sequence[str],
     labels: Sequence[str],
     max_loss: float,
     abstain: float | None = None,
+    category_margin: float = CATEGORY_MARGIN,
 ) -> tuple[list[dict[str, Any]], int, float]:
-    """(curve, chosen index, reference accuracy): every threshold combination of the routing stages."""
+    """(curve, chosen index, reference accuracy): every threshold combination of the routing stages.
+
+    A point is eligible when it passes the gate's two rules against the last model stage on
+    the calibration rows: accuracy at most `max_loss` lower, and no category's accuracy more
+    than `category_margin` lower (a cheap stage that is sure and wrong on one category
+    would otherwise hide behind the aggregate). Of those, the one sending the least traffic to
+    the expensive stages is chosen.
+    """
     model_runs = [r for r in runs if r.model is not None]
     routing = model_runs[:-1]
     tail: list[float | None] = [abstain] + ([None] if runs[-1].model is None else [])
@@ -207,7 +224,14 @@ def sweep(
     grids = itertools.product(*(_grid(r.confidence) for r in routing))
     points = [simulate(runs, [*combo, *tail], gold, labels) for combo in grids]
     names = [r.spec.name for r in runs]
-    ok = [p for p in points if p["accuracy"] >= reference["accuracy"] - max_loss - 1e-12] or [reference]
+    ok = [
+        p
+        for p in points
+        if p["accuracy"] >= reference["accuracy"] - max_loss - 1e-12
+        and worst_category_drop(p["_right"], reference["_right"], gold) <= category_margin + 1e-12
+    ] or [reference]
+    for p in [*points, reference]:
+        p.pop("_right", None)
     chosen = min(ok, key=lambda p: (_reach_key(p, names), -p["accuracy"], p["p50_ms"]))
     front = pareto(points)
     if chosen not in front:
@@ -295,6 +319,7 @@ def build_cascade(
     stages: Sequence[str] = ("tfidf", "minilm", "lora"),
     *,
     max_loss: float = 0.005,
+    category_margin: float = CATEGORY_MARGIN,
     metric: str = "probability",
     calibration: str = "isotonic",
     teacher: StageModel | None = None,
@@ -333,7 +358,7 @@ def build_cascade(
         runs.append(measure_stage(spec, model, texts, gold, labels, batch_size, latency_samples, hardware_per_hour))
     if progress is not None:
         progress(len(names), len(names))
-    return choose_and_write(run_dir, runs, gold, labels, calibration, max_loss, data_hash)
+    return choose_and_write(run_dir, runs, gold, labels, calibration, (max_loss, category_margin), data_hash)
 
 
 def measure_stage(
@@ -365,7 +390,7 @@ def choose_and_write(
     gold: Sequence[str],
     labels: Sequence[str],
     calibration: str,
-    max_loss: float,
+    margins: tuple[float, float],
     data_hash: str,
 ) -> CascadeSpec:
     """Calibrate the routing stages, set the abstain threshold, sweep, and write cascade.json."""
@@ -379,7 +404,8 @@ def choose_and_write(
     for run in model_runs[:-1]:
         run.spec.calibration = fit_calibration(run.predictions, gold, labels, run.spec.metric, calibration)
         run.confidence = confidences(run.predictions, labels, run.spec.metric, run.spec.calibration)
-    curve, chosen, reference = sweep(runs, gold, labels, max_loss, abstain)
+    max_loss, category_margin = margins  # the gate's two rules: accuracy, any one category
+    curve, chosen, reference = sweep(runs, gold, labels, max_loss, abstain, category_margin)
     for run in runs:
         run.spec.threshold = curve[chosen]["thresholds"].get(run.spec.name)
     spec = CascadeSpec(

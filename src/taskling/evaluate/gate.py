@@ -42,7 +42,7 @@ from taskling.evaluate.baseline import (
     read_labels,
     task_labels,
 )
-from taskling.evaluate.stats import Interval, bootstrap_interval, mcnemar
+from taskling.evaluate.stats import CATEGORY_MARGIN, Interval, bootstrap_interval, mcnemar
 from taskling.io import write_json
 from taskling.rundir import RunDir
 
@@ -81,7 +81,7 @@ class GateSettings(BaseModel):
     margin: float = Field(0.01, ge=0, le=1)  # largest accuracy drop allowed (0.01 = one point)
     # Largest accuracy drop allowed in any one category; `category_tolerance` is its old name.
     category_margin: float = Field(
-        0.10, ge=0, le=1, validation_alias=AliasChoices("category_margin", "category_tolerance")
+        CATEGORY_MARGIN, ge=0, le=1, validation_alias=AliasChoices("category_margin", "category_tolerance")
     )
     alpha: float = Field(0.05, gt=0, lt=1)  # significance level of the tests; CIs are at 1 - alpha
     mid_p: bool = True  # McNemar mid-p (False: the stricter exact p)

@@ -1,13 +1,15 @@
 """`report.html`: the page people look at before deciding to ship.
 
-One self-contained file: inline CSS and inline SVG charts, no JavaScript, no fonts or
+One self-contained file: inline CSS and inline SVG charts, no JavaScript (bar the review form's), no fonts or
 scripts fetched from anywhere, so it opens from a laptop, a CI artifact or an email. It
 reads the run directory's files and shows, in order: the headline numbers and the gate
 verdict, the confusion-matrix heatmap, per-category accuracy against the baseline, the
 calibration curve, training and validation loss, the ladder table, the cascade's curve
 (with `cascade.json`: share of traffic per stage, accuracy, latency and cost per threshold
 setting, the chosen one marked), and the worst examples (confidently wrong first) for a
-human pass.
+human pass. A generation run's page (`evaluate.review_page`) shows its averages, the gate,
+per-slice scores, the loss curves and a review form for the worst rows, whose one inline
+script downloads the marks as the JSONL `taskling review --apply` reads.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from taskling.errors import RunError
 from taskling.evaluate.baseline import Scored, check_same_gold, load_predictions, load_reference
 from taskling.evaluate.cost import CascadeCurve, cascade_curve
 from taskling.evaluate.metrics import Metrics
+from taskling.evaluate.review_page import REVIEW_CSS, generation_sections
 from taskling.io import read_json, read_jsonl, write_text
-from taskling.rundir import RunDir
+from taskling.rundir import GENERATION, RunDir
 
 PALETTE = {"candidate": "#2563eb", "baseline": "#9ca3af", "val": "#dc2626", "train": "#2563eb"}
 
@@ -359,6 +362,8 @@ def build_report(run_dir: str | Path, *, ladder: str | Path | None = None, basel
         raise RunError(
             f"{run_dir} has no predictions.jsonl", fix=f"score it first: taskling eval {run_dir} --data GOLD.jsonl"
         )
+    if run.kind() == GENERATION:
+        return generation_report(run_dir)
     base_path = Path(baseline) if baseline else run.baseline
     reference = load_reference(base_path) if base_path.exists() else None
     scored = load_predictions(run_dir, labels=reference.labels if reference else None)
@@ -410,6 +415,23 @@ def build_report(run_dir: str | Path, *, ladder: str | Path | None = None, basel
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>taskling report: {escape(run_dir.name)}</title><style>{CSS}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )
+
+
+def generation_report(run_dir: Path) -> str:
+    """A generation run's page: averages, gate verdict, per-slice scores, loss curves, the review form."""
+    run = RunDir(run_dir)
+    top, review = generation_sections(run_dir)
+    parts = [f"<h1>taskling report: {escape(run_dir.name)}</h1>", *top[:2]]
+    if run.gate.is_file():
+        parts.append(gate_section(read_json(run.gate)))
+    curves = loss_curves(_read_rows(run.history))
+    parts += [*top[2:], "<h2>Training and validation loss</h2>", curves or "<p>No history.jsonl.</p>", *review]
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>taskling report: {escape(run_dir.name)}</title><style>{CSS}{REVIEW_CSS}</style></head><body>"
         + "\n".join(parts)
         + "</body></html>\n"
     )

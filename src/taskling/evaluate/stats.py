@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The gate's default per-category rule (no category may lose more than ten points), shared by
+# `gate.GateSettings` and the cascade's threshold choice.
+CATEGORY_MARGIN = 0.10
+
 
 def mcnemar(b: int, c: int, *, mid_p: bool = True) -> float:
     """Two-sided p-value of McNemar's exact test on the discordant pair counts.

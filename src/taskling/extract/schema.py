@@ -27,7 +27,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from taskling.config import LoraSettings, ModelConfig, TrainSettings, merge, parse_overrides, resolve_paths
+from taskling.config import (
+    LoraSettings,
+    ModelConfig,
+    TrainSettings,
+    loss_selected,
+    merge,
+    parse_overrides,
+    resolve_paths,
+)
 from taskling.data.load import BadRow, is_unicode
 from taskling.errors import ConfigError, DataError
 from taskling.io import read_json, scan_jsonl, write_jsonl
@@ -241,6 +249,11 @@ class ExtractionConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     run_dir: Path = Path("runs/extract")
+
+    @field_validator("train")
+    @classmethod
+    def _select_by_loss(cls, train: TrainSettings) -> TrainSettings:
+        return loss_selected(train)
 
 
 def build_extraction_config(raw: dict[str, Any], *, source: str = "config") -> ExtractionConfig:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from taskling.config import TrainSettings
+from taskling.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +68,17 @@ def resolve_defaults(settings: TrainSettings, rows: int, labels: int = 0) -> tup
         ", ".join(f"{key}={value}" for key, value in filled.items()),
     )
     return settings.model_copy(update=filled), filled
+
+
+def text_answer_settings(settings: TrainSettings, rows: int, kind: str) -> TrainSettings:
+    """Settings for a task whose answers are free text (extraction records, generated text).
+
+    The label-set objective needs a label set, so anything but `lm` is refused; the unset auto
+    fields are filled by size like a classifier's (without the few-rows-per-label epoch).
+    """
+    if settings.objective != "lm":
+        raise ConfigError(
+            f"train.objective={settings.objective} scores a label set; {kind} writes free text",
+            fix=f"remove train.objective ({kind} trains with the LM answer loss)",
+        )
+    return resolve_defaults(settings, rows)[0]

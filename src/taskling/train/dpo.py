@@ -7,6 +7,11 @@ with the teacher. For classification, `margin_below` also pairs right-but-unsure
 with their runner-up label. Pairs are JSONL: `{"text", "chosen", "rejected", "source"}`,
 where an answer is a label, or for extraction the record's JSON text.
 
+A generation run's pairs come from `taskling review --apply` (`review/pairs.jsonl`: the
+fixed text chosen, the model's text rejected); its answers are free text, tokenized as its
+training did (`GenerationFormat.answer_ids`: at most `max_tokens` tokens, then the end-of-turn
+marker).
+
 `dpo` refines the run's LoRA adapter with the DPO loss (sigmoid, `beta`) and writes a new
 run directory. The reference policy is the SFT model itself: the same adapter as loaded,
 before any DPO step; since it never changes, its log-probabilities are computed once up
@@ -41,7 +46,7 @@ import torch.nn.functional as F
 from taskling.data.load import load_file
 from taskling.errors import DataError, RunError
 from taskling.io import iter_jsonl, read_json, write_json, write_jsonl
-from taskling.rundir import CLASSIFICATION, RunDir, read_manifest
+from taskling.rundir import CLASSIFICATION, GENERATION, RunDir, read_manifest
 from taskling.train.checkpoint import save_adapter
 from taskling.train.loop import TrainingInterrupted, apply_gradients, set_seed, stop_signals
 from taskling.train.loss import answer_logits, collate
@@ -52,7 +57,7 @@ Pair = tuple[list[int], list[int], list[int]]  # prompt, chosen answer, rejected
 
 
 def run_kind(run_dir: str | Path) -> str:
-    """`classification` or `extraction`: the kind its run.json records."""
+    """`classification`, `extraction` or `generation`: the kind its run.json records."""
     kind = RunDir(run_dir).kind()
     if kind is None:
         raise RunError(f"{run_dir} is not a finished run (no run.json)", fix="train first")
@@ -83,6 +88,12 @@ def build_pairs(
     run_dir = Path(run_dir)
     kind = run_kind(run_dir)
     data = Path(data) if data else RunDir(run_dir).train_data
+    if kind == GENERATION:
+        raise RunError(
+            f"{run_dir} is a generation run: its pairs come from a person's review, not from its own mistakes",
+            fix=f"taskling review {run_dir} --apply MARKED.jsonl, then taskling dpo {run_dir} "
+            f"{RunDir(run_dir).reviewed_pairs}",
+        )
     pairs: list[dict[str, Any]] = []
     task: Any  # a Task or an ExtractionTask
     if kind == CLASSIFICATION:
@@ -179,6 +190,7 @@ def _read_pairs(path: Path) -> list[dict[str, str]]:
 def _tokenize_pairs(run_dir: Path, kind: str, pairs: list[dict[str, str]], path: Path) -> list[Pair]:
     from taskling.serve.classifier import run_format
 
+    answer: Callable[[str], list[int]]
     if kind == CLASSIFICATION:
         fmt: Any = run_format(run_dir, read_manifest(run_dir))
 
@@ -186,7 +198,7 @@ def _tokenize_pairs(run_dir: Path, kind: str, pairs: list[dict[str, str]], path:
             if text not in fmt.task.labels:
                 raise ValueError(f"{text!r} is not a label of the task")
             return list(fmt.answer_ids(text))
-    else:
+    elif kind != GENERATION:
         from taskling.extract.extractor import read_extraction_manifest, run_record_format
 
         fmt = run_record_format(run_dir, read_extraction_manifest(run_dir))
@@ -195,12 +207,27 @@ def _tokenize_pairs(run_dir: Path, kind: str, pairs: list[dict[str, str]], path:
             return fmt.answer_ids(fmt.task.parse(text))
 
     out = []
+    if kind == GENERATION:  # free text: any answer, cut to max_tokens, ends with the end-of-turn marker
+        fmt = generation_format(run_dir)
+        answer = fmt.answer_ids
     for number, pair in enumerate(pairs, start=1):
         try:
             out.append((fmt.prompt_ids(pair["text"]), answer(pair["chosen"]), answer(pair["rejected"])))
         except ValueError as err:
             raise DataError(f"pair answer does not fit the task: {err}", path=path, line=number) from None
     return out
+
+
+def generation_format(run_dir: Path) -> Any:
+    """The prompt and answer tokens a generation run trained on (`generate.decode.GenerationFormat`)."""
+    from taskling.generate.decode import GenerationFormat
+    from taskling.generate.spec import GenerationTask
+    from taskling.model.loader import load_tokenizer
+
+    manifest = read_manifest(run_dir, kind=GENERATION)
+    tokenizer = load_tokenizer(str(RunDir(run_dir).tokenizer), manifest.get("chat_template"))
+    task = GenerationTask.model_validate(manifest["task"])
+    return GenerationFormat(tokenizer, task, int(manifest["max_length"]))
 
 
 def _pair_batch(rows: list[Pair], idx: Sequence[int], which: int, pad_id: int, device: Any) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from taskling.data.load import bad_rows_report
-from taskling.errors import ConfigError, DataError
+from taskling.errors import DataError
 from taskling.extract.extractor import RecordFormat
 from taskling.extract.schema import (
     ExtractionConfig,
@@ -34,7 +34,7 @@ from taskling.io import write_json, write_jsonl, write_text
 from taskling.model.loader import load_tokenizer, resolve_base
 from taskling.rundir import EXTRACTION, RunDir
 from taskling.train.checkpoint import TrainState
-from taskling.train.defaults import resolve_defaults
+from taskling.train.defaults import text_answer_settings
 from taskling.train.loop import (
     ProgressFn,
     TrainResult,
@@ -83,13 +83,8 @@ def train_extraction(config: ExtractionConfig, *, progress: ProgressFn | None = 
         torch.set_num_threads(settings.threads)
     set_seed(settings.seed)
 
-    if settings.objective != "lm":
-        raise ConfigError(
-            f"train.objective={settings.objective} scores a label set; extraction writes records",
-            fix="remove train.objective (extraction trains with the LM answer loss)",
-        )
     train_ex, val_ex, loaded = prepare_records(config)
-    settings, _ = resolve_defaults(settings, len(train_ex))
+    settings = text_answer_settings(settings, len(train_ex), "extraction")
     config = config.model_copy(update={"train": settings})  # config.yaml records the resolved values
     base_path = resolve_base(config.model.base, config.model.gguf_file, config.model.chat_template)
     tokenizer = load_tokenizer(base_path, config.model.chat_template)

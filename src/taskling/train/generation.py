@@ -25,7 +25,7 @@ import yaml
 
 from taskling.data.load import Example, bad_rows_report
 from taskling.data.split import assert_no_leakage
-from taskling.errors import DataError
+from taskling.errors import ConfigError, DataError
 from taskling.generate.decode import GenerationFormat
 from taskling.generate.spec import (
     GenerationConfig,
@@ -39,8 +39,10 @@ from taskling.io import write_json, write_jsonl, write_text
 from taskling.model.loader import load_tokenizer, resolve_base
 from taskling.rundir import GENERATION, RunDir
 from taskling.train.checkpoint import TrainState
+from taskling.train.defaults import text_answer_settings
 from taskling.train.loop import ProgressFn, TrainResult, build_loop, lora_model, new_accelerator, set_seed, train_loop
 from taskling.train.resume import clear_run
+from taskling.train.select import MetricSelector
 from taskling.train.speed import Levers, load_training_base
 from taskling.version import __version__
 
@@ -94,6 +96,8 @@ def train_generation(config: GenerationConfig, *, progress: ProgressFn | None = 
     set_seed(settings.seed)
 
     train_ex, val_ex, loaded = prepare_rows(config)
+    settings = text_answer_settings(settings, len(train_ex), "generation")
+    config = config.model_copy(update={"train": settings})  # config.yaml records the resolved values
     base_path = resolve_base(config.model.base, config.model.gguf_file, config.model.chat_template)
     tokenizer = load_tokenizer(base_path, config.model.chat_template)
     fmt = GenerationFormat(tokenizer, config.task, config.model.max_length)
@@ -115,6 +119,13 @@ def train_generation(config: GenerationConfig, *, progress: ProgressFn | None = 
         settings, model, run.root, train_rows, val_rows, tokenizer.pad_token_id, accelerator, checkpoints=False,
         levers=levers,
     )  # fmt: skip
+    if settings.select_by == "metric":
+        if not val_ex:
+            raise ConfigError(
+                "train.select_by: metric scores generated validation rows, and this run has none",
+                fix="set data.validation_fraction above 0 (or data.validation), or train.select_by: val_loss",
+            )
+        loop.select = MetricSelector(fmt, val_ex[: settings.metric_rows], accelerator.device, settings.min_delta)
     skipped = len(loaded.bad_rows) + loaded.duplicates
     return train_loop(loop, TrainState(), skipped_rows=skipped, progress=progress)
 

@@ -177,6 +177,7 @@ class Loop:
     chunk_rows: int = 0  # rows per forward pass when the micro-batch search split it; 0: all at once
     history: IO[str] | None = None
     tracker: Trackers | None = None  # `train.report_to`, on the main process
+    select: Any = None  # train.select_by: metric: model -> (history fields, best so far) (train/select.py)
     _epoch_batches: tuple[int, list[list[int]]] = field(default=(-1, []))
 
     main = property(lambda self: bool(self.accelerator.is_main_process))
@@ -383,14 +384,15 @@ def evaluate(loop: Loop, state: TrainState) -> None:
     base_model = loop.model.get_base_model()
     size = 2 * (settings.batch_size or 1)
     loss = objective_validation_loss(loop.spec, base_model, loop.val_rows, size, loop.pad_id, loop.device)
-    improved = state.best_val_loss is None or loss < state.best_val_loss - settings.min_delta
+    picked = loop.select(loop.model) if loop.select is not None else None
+    improved = picked[1] if picked else state.best_val_loss is None or loss < state.best_val_loss - settings.min_delta
     if improved:
         state.best_val_loss, state.best_step, state.bad_evals = loss, state.step, 0
         if loop.main:
             save_adapter(loop.run.root, loop.model)
     else:
         state.bad_evals += 1
-    log_history(loop, {"step": state.step, "val_loss": loss, "best": improved})
+    log_history(loop, {"step": state.step, "val_loss": loss, "best": improved, **(picked[0] if picked else {})})
     log.info("step %d: validation loss %.4f%s", state.step, loss, " (best)" if improved else "")
     state.stopped_early = settings.patience > 0 and state.bad_evals >= settings.patience
 
