@@ -35,7 +35,8 @@ import torch
 from common import bench_parser
 from taskling.serve.classifier import Classifier
 from taskling.task import Task
-from taskling.train.loss import AnswerLoss, collate, pack
+from taskling.train.loss import collate, pack
+from taskling.train.objective import ObjectiveLoss
 
 SHAPES: dict[str, dict[str, Any]] = {
     "gemma3-270m": dict(
@@ -108,7 +109,7 @@ def train_run(model: Any, data: list[Any], device: str, path: str) -> dict[str, 
     peft_model = with_lora(model)
     peft_model.train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
-    objective = AnswerLoss(peft_model)
+    objective = ObjectiveLoss(peft_model)
     packing = device == "cuda"  # what Levers.resolve picks with CUDA present
 
     def step(rows: list[Any]) -> float:

@@ -23,7 +23,8 @@ from taskling.model.loader import load_model
 from taskling.rundir import RunDir
 from taskling.train import speed
 from taskling.train.loop import lora_model
-from taskling.train.loss import AnswerLoss, answer_logits, answer_tokens, collate, pack, pack_bins
+from taskling.train.loss import answer_logits, answer_tokens, collate, pack, pack_bins
+from taskling.train.objective import ObjectiveLoss
 from taskling.train.sft import train
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -97,7 +98,7 @@ def test_training_with_packing_follows_the_padded_loss_curve(tiny_config: dict[s
 
 
 def lora_grads(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[float, dict[str, torch.Tensor]]:
-    objective = AnswerLoss(model)
+    objective = ObjectiveLoss(model)
     total = sum(answer_tokens(b) for b in batches)
     loss = 0.0
     for batch in batches:
@@ -172,7 +173,7 @@ def test_micro_batch_search_reraises_other_errors_and_oom_at_one_row() -> None:
 
 
 def test_search_micro_batch_tries_the_longest_rows_and_leaves_no_gradients(lora: Any) -> None:
-    objective = AnswerLoss(lora)
+    objective = ObjectiveLoss(lora)
     optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad])
     seen: list[int] = []
 

@@ -127,33 +127,6 @@ def answer_loss(base_model: Any, batch: dict[str, torch.Tensor], reduction: str 
     return F.cross_entropy(logits, targets, reduction=reduction), int(keep.sum())
 
 
-class AnswerLoss(torch.nn.Module):
-    """The training objective as a module, so that DDP/FSDP wrappers see the forward pass.
-
-    Returns the summed loss and the answer-token count; the loop normalises by the token
-    count over all processes, so N processes compute exactly the gradient of one.
-    """
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = {"input_ids": input_ids, "labels": labels}
-        if attention_mask is not None:
-            batch["attention_mask"] = attention_mask
-        if position_ids is not None:
-            batch["position_ids"] = position_ids
-        total, count = answer_loss(self.model.get_base_model(), batch, reduction="sum")
-        return total, torch.tensor(float(count), device=input_ids.device)
-
-
 @torch.no_grad()
 def validation_loss(base_model: Any, rows: Sequence[Row], batch_size: int, pad_id: int, device: Any) -> float:
     """Mean answer-token cross-entropy over `rows` (eval mode, no dropout)."""

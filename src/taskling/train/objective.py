@@ -123,10 +123,10 @@ class ObjectiveLoss(torch.nn.Module):
     divides by the units over all processes.
     """
 
-    def __init__(self, model: Any, objective: Objective) -> None:
+    def __init__(self, model: Any, objective: Objective | None = None) -> None:
         super().__init__()
         self.model = model
-        self.spec = objective
+        self.spec = objective or Objective()  # default: the LM answer loss
 
     def forward(
         self,

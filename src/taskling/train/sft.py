@@ -47,14 +47,13 @@ from taskling.train.loop import (
     start_state,
     train_loop,
 )
-from taskling.train.loss import AnswerLoss, answer_logits, answer_loss, batches, collate, head_logits, validation_loss
+from taskling.train.loss import answer_logits, answer_loss, batches, collate, head_logits, validation_loss
 from taskling.train.objective import Objective
 from taskling.train.resume import check_resumable, clear_run, holds_a_run
 from taskling.train.speed import Levers, load_training_base
 from taskling.version import __version__
 
 __all__ = [
-    "AnswerLoss",
     "PreparedData",
     "ProgressFn",
     "TrainResult",
