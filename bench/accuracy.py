@@ -4,7 +4,7 @@
     python bench/accuracy.py --rungs lora --rows-per-label 20 --set train.objective=labels
     python bench/accuracy.py --rungs lora --rows-per-label full --max-train-minutes 50   # rerun to continue
     python bench/accuracy.py --table                           # re-print the table from the cache
-    python bench/accuracy.py --throughput                      # prefix-once vs plain training rows/s, demo config
+    python bench/accuracy.py --throughput                      # plain vs prefix-once vs linear head rows/s, demo config
     python bench/accuracy.py --smoke                           # tiny random model, 8 fixture intents, seconds
 
 Data: the official splits (train 100 rows per label, in-scope test 4,500 rows), sampled per
@@ -143,12 +143,15 @@ def lora_rung(args: Any, data: Path, rows: str, labels: list[str], train_file: P
 
     run = args.out / "runs" / settings_key("lora", rows, args.set, args.base) / "run"
     run.parent.mkdir(parents=True, exist_ok=True)
-    write_rows(run.parent / "validation.jsonl", subset(read_rows(data / "validation.jsonl"), 5))
+    write_rows(run.parent / "validation.jsonl", validation_rows(data))
     config = lora_config(args, data, train_file, run, labels)
-    seconds = train_with_limit(config, args.max_train_minutes)
     spent = run.parent / "train_seconds.json"  # summed over resumed invocations
-    total = seconds + (json.loads(spent.read_text()) if spent.is_file() else 0.0)
-    spent.write_text(json.dumps(total))
+    if RunDir(run).summary.is_file() and spent.is_file():  # finished: load it, never train it again
+        total = json.loads(spent.read_text())
+    else:
+        seconds = train_with_limit(config, args.max_train_minutes)
+        total = seconds + (json.loads(spent.read_text()) if spent.is_file() else 0.0)
+        spent.write_text(json.dumps(total))
     if not RunDir(run).summary.is_file() or not RunDir(run).adapter.is_dir():
         raise SystemExit(f"lora ({rows} rows per label): training stopped at the time limit; rerun to continue")
     clf = Classifier.from_run(run, device=None)
@@ -169,9 +172,50 @@ def sklearn_rung(kind: str, train_rows: list[dict[str, Any]], labels: list[str])
     return predict, seconds, 0.0
 
 
+def build_rung(args: Any, rung: str, rows: str, data: Path, labels: list[str]) -> tuple[Any, float]:
+    """A single rung's predict function and training seconds (a finished LoRA run is loaded, not retrained)."""
+    train_rows = subset(read_rows(data / "train.jsonl"), rows_arg(rows))
+    train_file = write_rows(args.out / "data" / f"train-{rows}.jsonl", train_rows)
+    log.info("%s: %d training rows", rung, len(train_rows))
+    if rung == "lora":
+        predict, seconds, _ = lora_rung(args, data, rows, labels, train_file)
+    else:
+        predict, seconds, _ = sklearn_rung(rung, train_rows, labels)
+    return predict, seconds
+
+
+def validation_rows(data: Path) -> list[dict[str, Any]]:
+    """The held-out rows combined rungs fit their weights on (5 per label of the official validation split)."""
+    return subset(read_rows(data / "validation.jsonl"), 5)
+
+
+def validation_probs(args: Any, part: dict[str, Any], data: Path, labels: list[str]) -> Any:
+    """A cached rung's probabilities on the validation rows, computed (and cached) when missing."""
+    import numpy as np
+
+    path = args.out / "results" / f"{part['key']}.val.npy"
+    if not path.is_file():
+        predict, _ = build_rung(args, part["rung"], part["rows_per_label"], data, labels)
+        np.save(path, np.asarray(predict([r["text"] for r in validation_rows(data)]), dtype=np.float32))
+    return np.load(path)
+
+
+def combine_parts(args: Any, rung: str, rows: str, data: Path, labels: list[str]) -> tuple[Any, float, float]:
+    """A combined rung's test probabilities: its parts pooled with weights fitted on the validation rows."""
+    from taskling.evaluate.combine import fit_weights, pooled
+
+    parts = [score_rung(args, part, rows, data, labels) for part in rung.split("+")]
+    gold = [labels.index(r["label"]) for r in validation_rows(data)]
+    weights = fit_weights([validation_probs(args, p, data, labels) for p in parts], gold)
+    log.info("%s: weights %s fitted on %d validation rows", rung, weights, len(gold))
+    probs = pooled([load_probs(args.out, p["key"]) for p in parts], weights).tolist()
+    return probs, sum(p["train_seconds"] for p in parts), sum(p["ms_per_message"] for p in parts)
+
+
 def score_rung(args: Any, rung: str, rows: str, data: Path, labels: list[str]) -> dict[str, Any]:
     """The rung's cached result, or train and score it now and cache it."""
-    from taskling.evaluate.combine import product_of_probabilities
+    import numpy as np
+
     from taskling.evaluate.metrics import score
 
     key = settings_key(rung, rows, args.set, args.base)
@@ -181,18 +225,13 @@ def score_rung(args: Any, rung: str, rows: str, data: Path, labels: list[str]) -
     test = [r for r in read_rows(data / "test.jsonl") if r["label"] in set(labels)]
     texts = [r["text"] for r in test]
     if "+" in rung:
-        parts = [score_rung(args, part, rows, data, labels) for part in rung.split("+")]
-        probs = product_of_probabilities(*(load_probs(args.out, p["key"]) for p in parts))
-        seconds, latency = sum(p["train_seconds"] for p in parts), sum(p["ms_per_message"] for p in parts)
+        probs, seconds, latency = combine_parts(args, rung, rows, data, labels)
     else:
-        train_rows = subset(read_rows(data / "train.jsonl"), rows_arg(rows))
-        train_file = write_rows(args.out / "data" / f"train-{rows}.jsonl", train_rows)
-        log.info("%s: %d training rows", rung, len(train_rows))
-        if rung == "lora":
-            predict, seconds, _ = lora_rung(args, data, rows, labels, train_file)
-        else:
-            predict, seconds, _ = sklearn_rung(rung, train_rows, labels)
+        predict, seconds = build_rung(args, rung, rows, data, labels)
         probs, latency = measure(predict, texts, 3 if args.smoke else 20)
+        (args.out / "results").mkdir(parents=True, exist_ok=True)
+        val = predict([r["text"] for r in validation_rows(data)])
+        np.save(args.out / "results" / f"{key}.val.npy", np.asarray(val, dtype=np.float32))
     predicted = [labels[max(range(len(labels)), key=row.__getitem__)] for row in probs]
     metrics = score([r["label"] for r in test], predicted, labels)
     result = {
@@ -238,17 +277,18 @@ def print_results(results: list[dict[str, Any]]) -> None:
 
 
 def throughput(args: Any) -> None:
-    """Training rows/s and tokens/s, plain path vs prefix-once, side by side in one process.
+    """Training rows/s and tokens/s: plain path, prefix-once, and prefix-once with the linear head, side by side.
 
     The demo's config, model (its dtype) and rows; each timed step is one micro-batch's
-    forward and backward pass (the optimizer step, the same for both, is left out; the model
-    does not change between paths), and the two paths alternate batch by batch
-    (the same batches), so a busy machine slows both alike. The first round is warm-up.
+    forward and backward pass (the optimizer step, the same for all, is left out; the model
+    does not change between paths), and the paths alternate batch by batch (the same
+    examples), so a busy machine slows all alike. The first round is warm-up. The head path
+    (`model.head: linear`) runs its own rows: the prompt only, no answer tokens.
     """
-    import torch
 
     from taskling.config import build_config, merge, parse_overrides
     from taskling.data.demo import prepare_demo
+    from taskling.model.head import attach_head
     from taskling.model.loader import ChatFormat, load_tokenizer, resolve_base
     from taskling.train.loop import lora_model
     from taskling.train.loss import batches, collate
@@ -262,41 +302,63 @@ def throughput(args: Any) -> None:
     fmt = ChatFormat(load_tokenizer(path), config.task, config.model.max_length)
     model_cfg = config.model.model_copy(update={"dtype": "float32"}) if args.smoke else config.model
     model = lora_model(load_training_base(model_cfg, path, "cpu"), config.lora)
-    rows = tokenize(prepare_data(config).train, fmt)
+    headed = load_training_base(model_cfg, path, "cpu")
+    attach_head(headed, len(config.task.labels), [seq[0] for seq in fmt.label_sequences])
+    head_model = lora_model(headed, config.lora)
+    examples = prepare_data(config).train
+    rows, head_rows = tokenize(examples, fmt), tokenize(examples, fmt, "linear")
     size = config.train.batch_size or 8
-    picked = [collate([rows[i] for i in b], fmt.tokenizer.pad_token_id, "cpu") for b in batches(rows, size, 0, 0)]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    order = batches(rows, size, 0, 0)
+    pad = fmt.tokenizer.pad_token_id
+    picked = [collate([rows[i] for i in b], pad, "cpu") for b in order]
+    picked_head = [collate([head_rows[i] for i in b], pad, "cpu") for b in order]
     paths = {
-        "plain": ObjectiveLoss(model, Objective(shared_prefix=False)),
-        "prefix-once": ObjectiveLoss(model, Objective(shared_prefix=True)),
+        "plain": (ObjectiveLoss(model, Objective(shared_prefix=False)), picked),
+        "prefix-once": (ObjectiveLoss(model, Objective(shared_prefix=True)), picked),
+        "prefix-once, model.head: linear": (
+            ObjectiveLoss(head_model, Objective("head", shared_prefix=True)),
+            picked_head,
+        ),
     }
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     losses: dict[str, list[float]] = {name: [] for name in paths}
+    tokens: dict[str, list[int]] = {name: [] for name in paths}
     steps = 3 if args.smoke else args.steps
     for step in range(steps + 1):
-        batch = picked[step % len(picked)]
-        for name, objective in paths.items():
+        for name, (objective, chosen) in paths.items():
+            batch = chosen[step % len(chosen)]
             started = time.perf_counter()
             total, units = objective(**batch)
             (total / units).backward()
             losses[name].append(float(total.detach() / units))
-            optimizer.zero_grad(set_to_none=True)  # no weight change: both paths see the same model
+            objective.model.zero_grad(set_to_none=True)  # no weight change: every path sees the same model
             if step:  # round 0 is warm-up
                 seconds[name].append(time.perf_counter() - started)
+                tokens[name].append(int(batch["attention_mask"].sum()))
     # Medians: on a shared machine a step now and then takes 5x longer, whichever path it hits.
-    tokens = statistics.median(int(picked[s % len(picked)]["attention_mask"].sum()) for s in range(1, steps + 1))
     step_s = {name: statistics.median(times) for name, times in seconds.items()}
     table = [
-        [name, steps, f"{size / step_s[name]:.2f}", f"{tokens / step_s[name]:.0f}", f"{losses[name][-1]:.5f}"]
+        [
+            name,
+            steps,
+            f"{size / step_s[name]:.2f}",
+            f"{statistics.median(tokens[name]) / step_s[name]:.0f}",
+            f"{step_s['plain'] / step_s[name]:.2f}x",
+            f"{losses[name][-1]:.5f}",
+        ]
         for name in paths
     ]
     ratio = step_s["plain"] / max(step_s["prefix-once"], 1e-9)
+    head_ratio = step_s["plain"] / max(step_s["prefix-once, model.head: linear"], 1e-9)
     prefix = len(fmt.template.prefix_ids)
-    columns = ["path", "steps", "rows/s (median step)", "tokens/s", "last loss"]
-    caption = f"{prefix} shared prompt tokens; prefix-once / plain: {ratio:.2f}x"
+    columns = ["path", "steps", "rows/s (median step)", "tokens/s", "rows/s vs plain", "last loss"]
+    caption = (
+        f"{prefix} shared prompt tokens; prefix-once / plain: {ratio:.2f}x; with the linear head: {head_ratio:.2f}x"
+    )
     title = f"training throughput, demo config, batch {size}, {next(model.parameters()).dtype}"
     print_table(title, columns, table, caption=caption)
     print(f"prefix-once speed-up, training rows/s: {ratio:.2f}x")
+    print(f"prefix-once + linear head speed-up, training rows/s: {head_ratio:.2f}x")
 
 
 def main() -> None:
@@ -309,7 +371,7 @@ def main() -> None:
     parser.add_argument("--base", default=BASE)
     parser.add_argument("--max-train-minutes", type=float, default=None)
     parser.add_argument("--table", action="store_true", help="print every cached result and stop")
-    parser.add_argument("--throughput", action="store_true", help="prefix-once vs plain training speed")
+    parser.add_argument("--throughput", action="store_true", help="plain vs prefix-once vs linear head training speed")
     parser.add_argument("--steps", type=int, default=20, help="training steps per path for --throughput")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -3,6 +3,7 @@
     python bench/cpu.py                  # runs/demo if trained, else a short training run first
     python bench/cpu.py --levers         # also: dtype, attention kernel, prefix cache, batch size, int8, compile
     python bench/cpu.py --run RUN_DIR --threads 2 --repeats 50
+    python bench/cpu.py --heads          # label trie vs linear label head, all 150 CLINC150 intents
     python bench/cpu.py --smoke          # a fresh tiny random run, 3 repeats: checks the script runs
 
 Everything runs on the bundled SmolLM2-135M with `torch.set_num_threads(--threads)`, after
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from common import bench_parser, clinc_dir, clinc_texts, tiny_run, work_dir
+from common import bench_parser, clinc_dir, clinc_texts, read_rows, tiny_model, tiny_run, work_dir
 from taskling.config import build_config
 from taskling.data.demo import INSTRUCTION, find_clinc, pick_intents
 from taskling.model.loader import base_path, load_model, pick_dtype
@@ -212,6 +214,37 @@ def levers(run: Path, texts: list[str], repeats: int, with_compile: bool) -> Non
     console.print(table)
 
 
+def heads(base: str, texts: list[str], labels: list[str], repeats: int) -> None:
+    """Scoring cost of `model.head: labels` (the label trie) vs `linear` on one base, side by side.
+
+    Speed does not depend on weight values, so both score with the untrained base (and a
+    head initialised from the LM head, as training starts it); the label set is what differs
+    in cost: the trie's nodes ride along behind every prompt, the head reads one position.
+    """
+    from taskling.model.head import attach_head
+    from taskling.model.loader import ChatFormat, load_tokenizer, resolve_base
+    from taskling.task import Task
+
+    path = resolve_base(base)
+    fmt = ChatFormat(load_tokenizer(path), Task(labels=tuple(labels), instruction=INSTRUCTION), 96)
+    model = load_model(path, pick_dtype("auto"), "cpu")
+    trie = Classifier(model, fmt, device="cpu")
+    attach_head(model, len(labels), [seq[0] for seq in fmt.label_sequences])
+    head = Classifier(model, fmt, device="cpu")
+    prompt = statistics.median(len(fmt.prompt_ids(t)) - trie.prefix_length for t in texts)
+    table = Table(title=f"specialist scoring cost, {len(labels)} labels, {base}, {torch.get_num_threads()} threads")
+    for col in ("model.head", "tokens per row (uncached prompt + trie nodes)", "p50 ms", "p95 ms", "messages/s"):
+        table.add_column(col, justify="right")
+    results = {}
+    for name, clf in (("labels (label trie)", trie), ("linear", head)):
+        r = results[name] = measure_classifier(clf, texts, repeats)
+        tokens = f"{prompt:.0f} + {len(clf.trie.inputs)}"
+        table.add_row(name, tokens, f"{r['p50']:.1f}", f"{r['p95']:.1f}", f"{r['mps']:.1f}")
+    ratio = results["linear"]["mps"] / results["labels (label trie)"]["mps"]
+    table.caption = f"linear / labels, batched messages/s: {ratio:.2f}x; load average {os.getloadavg()[0]:.1f}"
+    console.print(table)
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--run", help="a trained run (default: runs/demo, else a short training run)")
@@ -220,10 +253,18 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=128, help="messages for the throughput runs")
     parser.add_argument("--levers", action="store_true", help="also measure dtype, attention, cache, batch")
     parser.add_argument("--compile", action="store_true", help="with --levers: also torch.compile")
+    parser.add_argument("--heads", action="store_true", help="only: label trie vs linear head, 150 intents")
+    parser.add_argument("--base", default="bundled:smollm2-135m", help="the base model for --heads")
     args = parser.parse_args()
     if args.smoke:
         args.repeats, args.texts = 3, 16
     torch.set_num_threads(args.threads)
+    if args.heads:
+        data = clinc_dir(None, args.smoke)
+        labels = sorted({r["label"] for r in read_rows(data / "train.jsonl")})
+        base = str(tiny_model(work_dir("cpu-heads") / "tiny-llama")) if args.smoke else args.base
+        heads(base, clinc_texts(data, args.texts), labels, args.repeats)
+        return
 
     if args.smoke and not args.run:
         run = tiny_run(work_dir("cpu"), max_steps=4)

@@ -47,17 +47,37 @@ def labels() -> list[str]:
     return clinc8_labels()
 
 
-@pytest.fixture
-def tiny_config(tiny_model_dir: Path, tmp_path: Path, labels: list[str]) -> dict[str, Any]:
+def tiny_raw_config(model_dir: Path, labels: list[str], run_dir: Path) -> dict[str, Any]:
     """A raw config dict training the tiny model on the fixture data (fast: a few seconds)."""
     return {
         "task": {"name": "clinc8", "labels": labels},
         "data": {"train": [str(FIXTURES / "clinc8_train.jsonl")], "validation_fraction": 0.2},
-        "model": {"base": str(tiny_model_dir), "dtype": "float32", "max_length": 128},
+        "model": {"base": str(model_dir), "dtype": "float32", "max_length": 128},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"epochs": 1, "batch_size": 16, "learning_rate": 5e-3, "seed": 0, "threads": 1},
-        "run_dir": str(tmp_path / "run"),
+        "run_dir": str(run_dir),
     }
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir: Path, tmp_path: Path, labels: list[str]) -> dict[str, Any]:
+    return tiny_raw_config(tiny_model_dir, labels, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def fmt(tiny_model_dir: Path, labels: list[str]) -> Any:
+    """The tiny model's ChatFormat over the clinc8 labels."""
+    from taskling.model.loader import ChatFormat, load_tokenizer
+    from taskling.task import Task
+
+    return ChatFormat(load_tokenizer(str(tiny_model_dir)), Task(labels=tuple(labels)), 128)
+
+
+@pytest.fixture(scope="session")
+def examples() -> list[tuple[str, str]]:
+    """Seven (text, label) rows of the clinc8 fixture, spread over the file."""
+    rows = [json.loads(line) for line in (FIXTURES / "clinc8_train.jsonl").read_text().splitlines()]
+    return [(r["text"], r["label"]) for r in rows[::23][:7]]
 
 
 @pytest.fixture(scope="session")

@@ -63,17 +63,18 @@ def test_bench_scripts_import_nothing_from_tests() -> None:
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in scripts()])
 def test_smoke(name: str, tmp_path: Path) -> None:
+    done = run_script(name, ARGS.get(name, ["--smoke"]), tmp_path)
+    assert EXPECT[name] in done.stdout, done.stdout[-3000:]
+
+
+def run_script(name: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run bench/NAME with `args` in `tmp_path` (offline, one thread); it must exit 0."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, str(BENCH / name), *ARGS.get(name, ["--smoke"])],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        env=env,
+        [sys.executable, str(BENCH / name), *args], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert EXPECT[name] in done.stdout, done.stdout[-3000:]
+    return done
 
 
 @pytest.mark.slow
@@ -84,3 +85,10 @@ def test_gpu_bench_prints_both_paths_and_the_ratio() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| tiny-llama")]
     assert [row.split("|")[2].strip() for row in rows] == ["stock", "taskling", "ratio"]
+
+
+def test_cpu_bench_compares_the_label_trie_and_the_linear_head(tmp_path: Path) -> None:
+    done = run_script("cpu.py", ["--heads", "--smoke"], tmp_path)
+    assert "linear / labels, batched messages/s:" in done.stdout
+    names = [line.split("│")[1].strip() for line in done.stdout.splitlines() if line.count("│") >= 6]
+    assert names == ["labels (label trie)", "linear"], done.stdout[-3000:]

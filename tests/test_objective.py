@@ -7,11 +7,11 @@ classifier scores: -log of its probability of the gold label (brute force in tes
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,10 +19,9 @@ from scoring import brute_force_probs
 from taskling.config import LoraSettings, build_config
 from taskling.errors import ConfigError
 from taskling.io import read_jsonl
-from taskling.model.loader import ChatFormat, load_model, load_tokenizer
+from taskling.model.loader import ChatFormat, load_model
 from taskling.rundir import RunDir
 from taskling.serve.classifier import Classifier
-from taskling.task import Task
 from taskling.train import objective as obj
 from taskling.train.loop import lora_model
 from taskling.train.loss import collate
@@ -30,17 +29,6 @@ from taskling.train.prefix import prefix_unsupported, shared_prefix_length
 from taskling.train.sft import train
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def fmt(tiny_model_dir: Path, labels: list[str]) -> ChatFormat:
-    return ChatFormat(load_tokenizer(str(tiny_model_dir)), Task(labels=tuple(labels)), 128)
-
-
-@pytest.fixture(scope="module")
-def examples() -> list[tuple[str, str]]:
-    rows = [json.loads(line) for line in (FIXTURES / "clinc8_train.jsonl").read_text().splitlines()]
-    return [(r["text"], r["label"]) for r in rows[::23][:7]]
 
 
 def grads_of(model: Any, spec: obj.Objective, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
@@ -148,4 +136,23 @@ def test_the_combined_rung_multiplies_and_renormalises() -> None:
     assert out[0] == pytest.approx([0.12 / 0.34, 0.21 / 0.34, 0.01 / 0.34])
     assert out[1] == pytest.approx([0.25, 0.25, 0.5])  # falls back to the mean
     predict, seconds, size = combined_rung([(lambda t: a[: len(t)], 2.0, 10), (lambda t: b[: len(t)], 1.0, 5)])
-    assert predict(["x"]) == [out[0]] and (seconds, size) == (3.0, 15)
+    assert predict(["x"])[0] == pytest.approx(out[0]) and (seconds, size) == (3.0, 15)
+
+
+def test_the_combined_rungs_weights_are_fitted_on_the_validation_rows() -> None:
+    from taskling.evaluate.combine import combined_rung, fit_weights, pooled
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 4, size=200)
+    sure = np.full((200, 4), 0.1)
+    sure[np.arange(200), gold] = 0.7  # right on every row
+    noise = rng.dirichlet(np.ones(4), size=200)  # knows nothing
+    # the noisy rung is told to stand aside; the informed one is kept (or sharpened)
+    weights = fit_weights([sure, noise], list(gold))
+    assert weights[1] == 0.0 and weights[0] >= 1.0
+    loss = lambda w: -np.log(pooled([sure, noise], w)[np.arange(200), gold]).mean()  # noqa: E731
+    assert loss(weights) < loss((1.0, 1.0))  # better than the plain product on the rows it was fitted on
+    np.testing.assert_allclose(pooled([sure, noise], (2.0, 0.0)).sum(axis=1), 1.0)
+    parts = [(lambda t: sure[: len(t)].tolist(), 1.0, 1), (lambda t: noise[: len(t)].tolist(), 1.0, 1)]
+    predict, _, _ = combined_rung(parts, ([f"t{i}" for i in range(200)], list(gold)))
+    np.testing.assert_allclose(predict(["a", "b"]), pooled([sure[:2], noise[:2]], weights))

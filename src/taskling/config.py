@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from taskling.errors import ConfigError
 from taskling.task import Task
@@ -56,6 +56,11 @@ class ModelConfig(_Strict):
     # Attention kernel for training: "sdpa" (PyTorch's fused attention) works everywhere;
     # "flash_attention_2" needs CUDA and the flash-attn package.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    # How a classifier scores its labels (model/head.py): "labels" scores each label's answer
+    # tokens with the LM head; "linear" trains a [labels x hidden] head on the last prompt
+    # position with cross-entropy over the labels (classification tasks only; exports as an
+    # adapter, not as GGUF/Ollama/vLLM, whose runtimes have no such head).
+    head: Literal["labels", "linear"] = "labels"
 
 
 class LoraSettings(_Strict):
@@ -129,6 +134,13 @@ def loss_selected(train: TrainSettings) -> TrainSettings:
     return train
 
 
+def without_label_head(model: ModelConfig, kind: str) -> ModelConfig:
+    """Refuse `model.head: linear` where answers are free text (extraction records, generated text)."""
+    if model.head != "labels":
+        raise ValueError(f"model.head: linear scores a label set; {kind} writes free text: remove model.head")
+    return model
+
+
 class ProjectConfig(_Strict):
     """Everything one run needs; saved resolved as `RUN_DIR/config.yaml`."""
 
@@ -143,6 +155,16 @@ class ProjectConfig(_Strict):
     @classmethod
     def _select_by_loss(cls, train: TrainSettings) -> TrainSettings:
         return loss_selected(train)
+
+    @model_validator(mode="after")
+    def _head_trains_its_own_loss(self) -> ProjectConfig:
+        if self.model.head == "linear" and self.train.objective != "lm":
+            raise ValueError(
+                f"model.head: linear trains the head's cross-entropy over the labels; train.objective="
+                f"{self.train.objective} scores the LM head's label tokens: remove train.objective or set "
+                "model.head: labels"
+            )
+        return self
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -186,6 +186,17 @@ def lora_rung(config: ProjectConfig, lora_run: Path | None) -> tuple[PredictFn, 
     return _classifier_predict(clf), max(float(seconds), 0.0), _model_bytes(clf.model)
 
 
+def lora_and_minilm(
+    config: ProjectConfig, train_rows: Sequence[Example], labels: list[str], lora_run: Path | None
+) -> tuple[PredictFn, float, int]:
+    """The lora and minilm rungs pooled, their weights fitted on the lora run's validation rows
+    (held out of both rungs' training when the run was trained from `config`)."""
+    lora = lora_rung(config, lora_run)
+    validation = load_file(RunDir(lora_run or Path(config.run_dir)).validation_data, config.task).examples
+    held_out = ([ex.text for ex in validation], [labels.index(ex.label) for ex in validation])
+    return combined_rung([lora, minilm_rung(train_rows, labels)], held_out)
+
+
 def _classifier_predict(clf: Any) -> PredictFn:
     labels = clf.task.labels
 
@@ -258,11 +269,9 @@ def rung_builders(
             f"{config.model.base} + LoRA r={config.lora.r}",
             lambda: lora_rung(config, Path(lora_run) if lora_run else None),
         ),
-        "lora+minilm": (  # evaluate/combine.py: product of the two rungs' probabilities
-            "product of the lora and minilm probabilities, renormalised",
-            lambda: combined_rung(
-                [lora_rung(config, Path(lora_run) if lora_run else None), minilm_rung(train_rows, labels)]
-            ),
+        "lora+minilm": (  # evaluate/combine.py: weighted product of the two rungs' probabilities
+            "lora and minilm probabilities pooled, weights fitted on the lora run's validation rows",
+            lambda: lora_and_minilm(config, train_rows, labels, Path(lora_run) if lora_run else None),
         ),
     }
 

@@ -178,6 +178,13 @@ def export(
     if dtype not in MERGED_DTYPES:
         raise ExportError(f"unknown dtype {dtype!r} for merged weights", fix=f"use one of: {', '.join(MERGED_DTYPES)}")
     run = load_run(run_dir)
+    if run.manifest.get("head", "labels") == "linear":
+        raise ExportError(
+            f"{run_dir} classifies with a linear label head (model.head: linear); merged weights, GGUF, "
+            "Ollama and vLLM runtimes score labels with the LM head and would drop it",
+            fix=f"serve the run with taskling (taskling serve {run_dir}), or copy its adapter/ folder, "
+            "which carries the head; retrain with model.head: labels for these formats",
+        )
     report(1, 3)
     out_dir = Path(out) if out is not None else default_out(run.run_dir, to, quant)
     if out_dir.exists() and not (out_dir / "manifest.json").is_file():

@@ -35,6 +35,7 @@ from taskling.config import (
     merge,
     parse_overrides,
     resolve_paths,
+    without_label_head,
 )
 from taskling.data.load import BadRow, is_unicode
 from taskling.errors import ConfigError, DataError
@@ -254,6 +255,11 @@ class ExtractionConfig(_Strict):
     @classmethod
     def _select_by_loss(cls, train: TrainSettings) -> TrainSettings:
         return loss_selected(train)
+
+    @field_validator("model")
+    @classmethod
+    def _no_label_head(cls, model: ModelConfig) -> ModelConfig:
+        return without_label_head(model, "extraction")
 
 
 def build_extraction_config(raw: dict[str, Any], *, source: str = "config") -> ExtractionConfig:

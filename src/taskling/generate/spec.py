@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import regex
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from taskling.config import (
     DataConfig,
@@ -35,6 +35,7 @@ from taskling.config import (
     merge,
     parse_overrides,
     resolve_paths,
+    without_label_head,
 )
 from taskling.data.load import BadRow, Example, content_hash, load_file
 from taskling.errors import ConfigError, DataError
@@ -150,6 +151,11 @@ class GenerationConfig(BaseModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     run_dir: Path = Path("runs/generate")
+
+    @field_validator("model")
+    @classmethod
+    def _no_label_head(cls, model: ModelConfig) -> ModelConfig:
+        return without_label_head(model, "generation")
 
 
 # ---------------------------------------------------------------- config files

@@ -28,6 +28,9 @@ Speed, without changing a single probability:
 
 Long texts keep their first tokens so the prompt fits `max_length` (`ChatFormat.prompt_ids`).
 
+A run trained with `model.head: linear` (`model/head.py`) scores with its label head instead:
+one branch at the prompt's last position whose rows are the head's, no trie inputs at all.
+
 One lever that *does* change probabilities, so it is opt-in and its effect is measured:
 `quantize="int8"` (CPU) runs the decoder's linear layers with dynamic int8 (see
 `quantize_int8`); put such a classifier through the gate before shipping it.
@@ -51,6 +54,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from taskling.errors import RunError
+from taskling.model.head import attach_head, has_head, head_weight
 from taskling.model.loader import (
     ChatFormat,
     base_path,
@@ -168,15 +172,21 @@ class Classifier:
         self.adapter = adapter
         self.version = version
         self.static_shapes = torch.device(self.device).type == "cuda" if static_shapes is None else static_shapes
-        self.trie = LabelTrie.build(fmt.label_sequences)
+        self.head = "linear" if has_head(model) else "labels"
         self._decoder = model.get_decoder()
         self._dtype = next(model.parameters()).dtype
         self._cap = getattr(model.config, "final_logit_softcapping", None)
         # Sliding-window layers (Gemma 3) see only the last `window` keys; they get their own mask.
         layer_types = getattr(model.config, "layer_types", None) or ()
         self._window: int | None = model.config.sliding_window if "sliding_attention" in layer_types else None
-        head = model.get_output_embeddings().weight
-        self._prepare_branches(head)
+        if self.head == "linear":  # one branch at the prompt's last position: the label head's rows
+            n = len(self.task.labels)
+            self.trie = LabelTrie(branches=[(-1, list(range(n)))], paths=[[(0, i)] for i in range(n)])
+            self._cap = None
+            self._prepare_branches(head_weight(model, adapter).to(self._dtype))
+        else:
+            self.trie = LabelTrie.build(fmt.label_sequences)
+            self._prepare_branches(model.get_output_embeddings().weight)
         self.model.eval()
         self._prefix: list[int] = []
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -436,7 +446,16 @@ def load_adapters(
         )
     merge = len(runs) == 1 if merge is None else merge
     _check_quantize(quantize, device, dtype, merge)
+    heads = [name for name, m in manifests.items() if m.get("head", "labels") == "linear"]
+    if heads and len(runs) > 1:
+        raise RunError(
+            f"run {heads[0]!r} classifies with a linear label head (model.head: linear), which one base "
+            "cannot share with other adapters",
+            fix="serve a linear-head run in a server of its own",
+        )
     base = load_model(bases.pop(), torch.float32 if quantize else pick_dtype(dtype), device)
+    if heads:  # the adapter's saved head is loaded into this module
+        attach_head(base, len(manifests[heads[0]]["task"]["labels"]))
     names = list(runs)
     model: Any = PeftModel.from_pretrained(base, str(RunDir(runs[names[0]]).adapter), adapter_name=names[0])
     for name in names[1:]:

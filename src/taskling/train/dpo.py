@@ -314,6 +314,12 @@ def dpo(
     run_dir, pairs_path = Path(run_dir), Path(pairs_path)
     kind = run_kind(run_dir)
     manifest = read_json(RunDir(run_dir).manifest)
+    if manifest.get("head", "labels") == "linear":
+        raise RunError(
+            f"{run_dir} classifies with a linear label head (model.head: linear); DPO refines the answer "
+            "tokens' probabilities, which that head does not use",
+            fix="add the corrected rows to the training data and train again",
+        )
     pairs = _read_pairs(pairs_path)
     rows = _tokenize_pairs(run_dir, kind, pairs, pairs_path)
     out = Path(out_dir) if out_dir else run_dir.with_name(run_dir.name + "-dpo")

@@ -7,9 +7,8 @@ optimizer step over `gradient_accumulation` micro-batches) and `evaluate_and_che
 DPO (`dpo.py`) has its own objective and batches but uses the same pieces: `set_seed`,
 `apply_gradients`, `stop_signals`, `save_adapter`.
 
-Under `accelerate launch` / torchrun (DDP) every process runs this loop on its share of each
-global batch; the main process writes every file, and all processes make the same decisions
-(validation loss is computed in full on each).
+Under `accelerate launch` / torchrun (DDP) every process runs this loop on its share of each global
+batch; the main process writes every file; all make the same decisions (full validation on each).
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import torch
 from taskling.config import LoraSettings, TrainSettings
 from taskling.errors import ConfigError, DataError, TasklingError
 from taskling.io import iter_jsonl, write_json, write_jsonl
+from taskling.model.head import HEAD_MODULE, has_head
 from taskling.rundir import RunDir
 from taskling.train.checkpoint import (
     TrainState,
@@ -85,14 +85,17 @@ def new_accelerator() -> Any:
 
 
 def lora_model(base: Any, lora: LoraSettings) -> Any:
-    """`base` with a fresh LoRA adapter on `lora.target_modules`, in training mode."""
+    """`base` with a fresh LoRA adapter on `lora.target_modules`, in training mode (a label head trained whole)."""
     from peft import LoraConfig, get_peft_model
 
+    head = [HEAD_MODULE] if has_head(base) else None  # model/head.py: saved with the adapter, no LoRA on it
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
+        exclude_modules=head,
+        modules_to_save=head,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, config)

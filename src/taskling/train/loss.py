@@ -110,15 +110,20 @@ def answer_logits(base_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torc
     The LM head runs only at answer positions: the full-vocabulary head at every position
     is most of a small model's activation memory, and the answer is a handful of tokens.
     """
+    hidden, targets = next_token_states(base_model, batch)
+    keep = targets != -100
+    return head_logits(base_model, hidden[keep]), targets[keep], keep
+
+
+def next_token_states(base_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states `[rows, positions, hidden]` beside the next tokens they predict."""
     hidden = base_model.get_decoder()(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
     ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    return head_logits(base_model, hidden[:, :-1][keep]), targets[keep], keep
+    return hidden[:, :-1], batch["labels"][:, 1:]
 
 
 def answer_loss(base_model: Any, batch: dict[str, torch.Tensor], reduction: str = "mean") -> tuple[torch.Tensor, int]:

@@ -8,6 +8,9 @@
   row's loss is -log of the classifier's probability of its gold label. Normalised per row.
 - `mixed`: the LM loss plus `train.label_loss_weight` times the label-set loss, both summed
   over a row and divided by the answer tokens.
+- `head` (`model.head: linear`, `model/head.py`): cross-entropy over the labels of the linear
+  label head on the prompt's last hidden state. Its rows (`head_training_row`) hold the prompt
+  only, with the label's index as the one target. Normalised per row.
 
 The validation loss is the same objective on the validation rows (for `lm` the mean answer-token
 cross-entropy, as always; for `labels` the mean -log p(gold label)), so early stopping and
@@ -18,16 +21,18 @@ the best adapter follow what is trained. `ObjectiveLoss` also runs prefix-once t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from taskling.train.loss import Row, answer_logits, answer_tokens, collate, head_logits
+from taskling.model.head import head_scores
+from taskling.train.loss import Row, answer_logits, answer_tokens, collate, head_logits, next_token_states
 from taskling.train.prefix import prefix_once_hidden, shared_prefix_length
 
-OBJECTIVES = ("lm", "labels", "mixed")
+OBJECTIVES = ("lm", "labels", "mixed", "head")
+PER_ROW = ("labels", "head")  # objectives normalised per row, not per answer token
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,8 @@ class Objective:
         return cls(kind=kind, label_weight=label_weight, branches=branches, shared_prefix=shared_prefix)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
-        """What the summed loss is divided by: answer tokens, or (`labels`) rows with an answer."""
-        if self.kind == "labels":
+        """What the summed loss is divided by: answer tokens, or (`labels`, `head`) rows with an answer."""
+        if self.kind in PER_ROW:
             return int((batch["labels"][:, 1:] != -100).any(dim=1).sum())
         return answer_tokens(batch)
 
@@ -92,21 +97,42 @@ def label_set_loss(
     return F.cross_entropy(scores, torch.tensor(choice, device=logits.device), reduction="sum")
 
 
+def answer_states(
+    base_model: Any, batch: dict[str, torch.Tensor], shared_prefix: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states `[rows, positions, hidden]` and the next tokens they predict `[rows, positions]`
+    (-100 off the answer); the shared head run once when `shared_prefix` and the batch allows."""
+    n = shared_prefix_length(batch) if shared_prefix and "position_ids" not in batch else 0
+    if n == 0:
+        return next_token_states(base_model, batch)
+    hidden = prefix_once_hidden(base_model.get_decoder(), batch, n)
+    return hidden[:, :-1], batch["labels"][:, n + 1 :]
+
+
 def objective_logits(
     base_model: Any, batch: dict[str, torch.Tensor], shared_prefix: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`loss.answer_logits`, with the shared head run once when `shared_prefix` and the batch allows."""
-    n = shared_prefix_length(batch) if shared_prefix and "position_ids" not in batch else 0
-    if n == 0:
+    if not shared_prefix:
         return answer_logits(base_model, batch)
-    hidden = prefix_once_hidden(base_model.get_decoder(), batch, n)
-    targets = batch["labels"][:, n + 1 :]
+    hidden, targets = answer_states(base_model, batch, shared_prefix)
     keep = targets != -100
-    return head_logits(base_model, hidden[:, :-1][keep]), targets[keep], keep
+    return head_logits(base_model, hidden[keep]), targets[keep], keep
+
+
+def head_loss(objective: Objective, base_model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the labels of the linear head at each row's answer position.
+
+    Rows are `model.head.head_training_row`s: the one target is the label's index."""
+    hidden, targets = answer_states(base_model, batch, objective.shared_prefix)
+    keep = targets != -100
+    return F.cross_entropy(head_scores(base_model, hidden[keep]), targets[keep], reduction="sum")
 
 
 def objective_loss(objective: Objective, base_model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The batch's summed loss under `objective` (divide by `objective.units(batch)`)."""
+    if objective.kind == "head":
+        return head_loss(objective, base_model, batch)
     logits, targets, keep = objective_logits(base_model, batch, objective.shared_prefix)
     if objective.kind == "lm":
         return F.cross_entropy(logits, targets, reduction="sum")
@@ -149,7 +175,7 @@ def objective_validation_loss(
     objective: Objective, base_model: Any, rows: Sequence[Row], batch_size: int, pad_id: int, device: Any
 ) -> float:
     """The objective's mean over `rows` (eval mode, no dropout, the plain path)."""
-    plain = Objective(kind=objective.kind, label_weight=objective.label_weight, branches=objective.branches)
+    plain = replace(objective, shared_prefix=False)
     base_model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))

@@ -30,6 +30,7 @@ from taskling.data.load import (
 )
 from taskling.errors import DataError
 from taskling.io import write_json, write_jsonl, write_text
+from taskling.model.head import attach_head, head_training_row
 from taskling.model.loader import ChatFormat, load_tokenizer, resolve_base
 from taskling.model.presets import apply_preset
 from taskling.rundir import RunDir
@@ -114,7 +115,10 @@ def prepare_data(config: ProjectConfig) -> PreparedData:
     return PreparedData(train, validation, loaded)
 
 
-def tokenize(examples: Sequence[Example], fmt: ChatFormat) -> list[tuple[list[int], list[int]]]:
+def tokenize(examples: Sequence[Example], fmt: ChatFormat, head: str = "labels") -> list[tuple[list[int], list[int]]]:
+    """Training rows: prompt and answer tokens, or (`model.head: linear`) the prompt and the label's index."""
+    if head == "linear":
+        return [head_training_row(fmt, ex.text, ex.label) for ex in examples]
     return [fmt.training_ids(ex.text, ex.label) for ex in examples]
 
 
@@ -130,6 +134,7 @@ def run_manifest(config: ProjectConfig, base_path: str, fmt: ChatFormat, data: P
         "base_model_path": base_path,
         "chat_template": fmt.tokenizer.chat_template,
         "max_length": config.model.max_length,
+        "head": config.model.head,
         "label_answers": {label: fmt.answer_text(label) for label in config.task.labels},
         "data": {
             **data.hashes(),
@@ -207,11 +212,18 @@ def train(
         write_run_files(run, config, data, manifest, tokenizer)
     accelerator.wait_for_everyone()
 
-    model = lora_model(load_training_base(config.model, base_path, accelerator.device), config.lora)
-    train_rows, val_rows = tokenize(data.train, fmt), tokenize(data.validation, fmt)
+    base = load_training_base(config.model, base_path, accelerator.device)
+    if config.model.head == "linear":
+        attach_head(base, len(config.task.labels), [seq[0] for seq in fmt.label_sequences])
+    model = lora_model(base, config.lora)
+    train_rows, val_rows = (
+        tokenize(data.train, fmt, config.model.head),
+        tokenize(data.validation, fmt, config.model.head),
+    )
     levers = Levers.resolve(settings, config.model, world=accelerator.num_processes)
     pad_id = tokenizer.pad_token_id
-    objective = Objective.for_labels(settings.objective, fmt.label_sequences, label_weight=settings.label_loss_weight)
+    kind = "head" if config.model.head == "linear" else settings.objective
+    objective = Objective.for_labels(kind, fmt.label_sequences, label_weight=settings.label_loss_weight)
     loop = build_loop(
         settings, model, run.root, train_rows, val_rows, pad_id, accelerator, levers=levers, objective=objective
     )
