@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from taskling.model.head import head_scores
-from taskling.train.loss import Row, answer_logits, answer_tokens, collate, head_logits, next_token_states
+from taskling.train.loss import Row, answer_tokens, collate, head_logits, next_token_states
 from taskling.train.prefix import prefix_once_hidden, shared_prefix_length
 
 OBJECTIVES = ("lm", "labels", "mixed", "head")
@@ -113,8 +113,6 @@ def objective_logits(
     base_model: Any, batch: dict[str, torch.Tensor], shared_prefix: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`loss.answer_logits`, with the shared head run once when `shared_prefix` and the batch allows."""
-    if not shared_prefix:
-        return answer_logits(base_model, batch)
     hidden, targets = answer_states(base_model, batch, shared_prefix)
     keep = targets != -100
     return head_logits(base_model, hidden[keep]), targets[keep], keep
