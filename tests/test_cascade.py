@@ -172,6 +172,27 @@ def test_cascade_json_round_trip_and_from_run(cascade_run: Path) -> None:
     assert isinstance(Classifier.from_run(cascade_run, cascade=False), Classifier)
 
 
+def test_extra_calibration_rows_join_the_validation_rows_and_training_rows_are_refused(
+    cascade_run: Path, tmp_path: Path
+) -> None:
+    from taskling.errors import ConfigError
+    from taskling.io import read_jsonl, write_jsonl
+
+    run = tmp_path / "run"
+    shutil.copytree(cascade_run, run)
+    validation = list(read_jsonl(run / "data" / "validation.jsonl"))
+    labels = json.loads((run / "cascade.json").read_text())["labels"]
+    fresh = [{"text": f"a message nobody trained on number {i}", "label": labels[i % len(labels)]} for i in range(12)]
+    extra = tmp_path / "calibrate.jsonl"
+    write_jsonl(extra, [*fresh, *validation[:3]])  # 3 rows already among the validation rows: skipped
+    spec = build_cascade(run, ["tfidf", "lora"], max_loss=0.05, latency_samples=3, calibration_file=extra)
+    assert spec.validation["n"] == len(validation) + len(fresh)
+    trained = next(iter(read_jsonl(run / "data" / "train.jsonl")))
+    write_jsonl(extra, [*fresh, {"text": trained["text"], "label": trained["label"]}])
+    with pytest.raises(ConfigError, match=r"calibrate.jsonl: 1 row\(s\) are training rows"):
+        build_cascade(run, ["tfidf", "lora"], max_loss=0.05, latency_samples=3, calibration_file=extra)
+
+
 def test_a_cascade_on_other_labels_or_data_is_refused(cascade_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(cascade_run, run)

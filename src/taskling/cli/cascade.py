@@ -33,6 +33,10 @@ def cascade(
     oos: Annotated[
         Path | None, typer.Option("--oos", help="Out-of-scope rows (labels outside the set) for the `unknown` stage.")
     ] = None,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option("--calibrate", help="More labelled rows (never trained on) to calibrate on, besides validation."),
+    ] = None,
     teacher_url: Annotated[str | None, typer.Option(help="The teacher stage's OpenAI-compatible base URL.")] = None,
     teacher_model: Annotated[str | None, typer.Option(help="The teacher's model name.")] = None,
     teacher_cost: Annotated[float, typer.Option(help="The teacher's $ per call.")] = 0.0,
@@ -63,6 +67,7 @@ def cascade(
             calibration=calibration,
             teacher_settings=settings,
             oos_file=oos,
+            calibration_file=calibrate,
             batch_size=batch_size,
             hardware_per_hour=hardware_per_hour,
             progress=update,

@@ -277,6 +277,27 @@ def run_rows(run_dir: str | Path, task: Task, manifest: dict[str, Any]) -> tuple
     return train, validation, data_hash
 
 
+def extra_calibration_rows(
+    path: str | Path, task: Task, train: Sequence[Example], validation: Sequence[Example]
+) -> list[Example]:
+    """Labelled rows from `path` to calibrate on besides the validation rows; a row the specialist
+    trained on is refused (it would look surer than live traffic), one already among the
+    validation rows is skipped and counted."""
+    rows = load_file(path, task).examples
+    trained = {ex.text for ex in train}
+    leaked = [ex.text for ex in rows if ex.text in trained]
+    if leaked:
+        raise ConfigError(
+            f"{path}: {len(leaked)} row(s) are training rows of the run (first: {leaked[0][:60]!r})",
+            fix="calibrate on rows the run never trained on (e.g. a held-out split)",
+        )
+    seen = {ex.text for ex in validation}
+    extra = [ex for ex in rows if ex.text not in seen]
+    log.info("cascade: %d calibration rows from %s (%d already validation rows, skipped)", len(extra), path,
+             len(rows) - len(extra))  # fmt: skip
+    return extra
+
+
 def stage_model(
     kind: str,
     run_dir: Path,
@@ -326,12 +347,16 @@ def build_cascade(
     teacher_settings: dict[str, Any] | None = None,
     lora: StageModel | None = None,
     oos_file: str | Path | None = None,
+    calibration_file: str | Path | None = None,
     batch_size: int = 32,
     latency_samples: int = 20,
     hardware_per_hour: float = 0.10,
     progress: Callable[[int, int], None] | None = None,
 ) -> CascadeSpec:
-    """Fit, calibrate and sweep the cascade `stages` on the run's data; write and return cascade.json."""
+    """Fit, calibrate and sweep the cascade `stages` on the run's data; write and return cascade.json.
+
+    `calibration_file` adds labelled rows to the run's validation rows for calibrating and
+    choosing the thresholds (more rows per category loosen the per-category rule's steps)."""
     names = check_stages(stages)
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -339,6 +364,8 @@ def build_cascade(
     labels = list(task.labels)
     train, validation, data_hash = run_rows(run_dir, task, manifest)
     rows = list(validation)
+    if calibration_file is not None:
+        rows += extra_calibration_rows(calibration_file, task, train, validation)
     if oos_file is not None:
         if names[-1] != UNKNOWN:
             raise ConfigError("--oos calibrates the abstain threshold", fix="end --stages with ,unknown")
