@@ -174,3 +174,28 @@ def test_a_linear_head_is_refused_for_extraction_and_generation(tiny_model_dir: 
     }
     with pytest.raises(ConfigError, match=r"model\.head: linear scores a label set; extraction"):
         build_extraction_config(raw)
+
+
+def test_the_demo_takes_overrides_such_as_the_linear_head(
+    tiny_model_dir: Path, labels: list[str], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from taskling.cli import app
+
+    data = tmp_path / "clinc"
+    data.mkdir()
+    (data / "LABELS.txt").write_text("\n".join(labels) + "\n")
+    train_rows = (FIXTURES / "clinc8_train.jsonl").read_text()
+    (data / "train.jsonl").write_text(train_rows)
+    (data / "validation.jsonl").write_text(train_rows)
+    (data / "test.jsonl").write_text((FIXTURES / "clinc8_gold.jsonl").read_text())
+    run = tmp_path / "demo"
+    args = ["demo", "--run-dir", str(run), "--data-dir", str(data), "--intents", str(len(labels))]
+    args += ["--train-per-intent", "10", "--epochs", "1", "--base", str(tiny_model_dir)]
+    res = CliRunner().invoke(app, [*args, "--set", "model.head=linear", "--set", "model.dtype=float32"])
+    assert res.exit_code == 0, res.output
+    assert "demo accuracy" in res.output
+    assert read_manifest(run)["head"] == "linear"
+    res = CliRunner().invoke(app, [*args, "--set", "model.head=softmax"])
+    assert res.exit_code != 0 and "model.head" in res.output

@@ -203,8 +203,12 @@ def demo(
     train_per_intent: Annotated[int, typer.Option(help="Training rows per intent.")] = 40,
     epochs: Annotated[float, typer.Option(help="Training epochs.")] = 2.0,
     base: Annotated[str, typer.Option(help="Base model.")] = "bundled:smollm2-135m",
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="A config override, e.g. --set model.head=linear (repeatable).")
+    ] = None,
 ) -> None:
     """Run the whole path on CLINC150 with the bundled SmolLM2-135M and print a report card."""
+    from taskling.config import build_config, merge, parse_overrides
     from taskling.data.demo import prepare_demo
     from taskling.evaluate.metrics import evaluate
     from taskling.train.sft import train as run_training
@@ -212,6 +216,8 @@ def demo(
     config, gold = prepare_demo(
         run_dir, data_dir=data_dir, intents=intents, train_per_intent=train_per_intent, epochs=epochs, base=base
     )
+    if overrides:
+        config = build_config(merge(config.model_dump(mode="json"), parse_overrides(overrides)), source="--set")
     console.print(
         Text.assemble(
             ("demo", "bold"), f": {intents} CLINC150 intents, {train_per_intent} training rows each, base {base}"
