@@ -96,7 +96,7 @@ def test_prefix_once_gives_the_head_losss_plain_value_and_gradients(
         (total / units).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
-        results.append((float(total / units), grads))
+        results.append((float((total / units).detach()), grads))
     (plain, g_plain), (once, g_once) = results
     assert once == pytest.approx(plain, rel=1e-5)
     assert any(HEAD_MODULE in n for n in g_plain) and any("lora_A" in n for n in g_plain)
