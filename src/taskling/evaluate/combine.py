@@ -60,18 +60,15 @@ def product_of_probabilities(*tables: Sequence[Sequence[float]]) -> list[list[fl
 def fit_weights(tables: Sequence[Sequence[Sequence[float]]], gold: Sequence[int]) -> tuple[float, ...]:
     """The weights on `WEIGHT_GRID` whose pooled probabilities give the validation rows' gold labels
     the lowest mean log-loss (ties: the plainer, equal-weight point first)."""
-    best: tuple[float, tuple[float, ...]] | None = None
-    rows = np.arange(len(gold))
-    for weights in itertools.product(WEIGHT_GRID, repeat=len(tables)):
-        if not any(weights):
-            continue
+    rows, picked = np.arange(len(gold)), list(gold)
+
+    def loss_then_plainness(weights: tuple[float, ...]) -> tuple[float, float]:
         probs = pooled(tables, weights)
-        loss = float(-np.log(np.maximum(probs[rows, list(gold)], _FLOOR)).mean())
-        plainness = sum(abs(w - 1.0) for w in weights)
-        if best is None or (loss, plainness) < (best[0], sum(abs(w - 1.0) for w in best[1])):
-            best = (loss, weights)
-    assert best is not None
-    return best[1]
+        loss = float(-np.log(np.maximum(probs[rows, picked], _FLOOR)).mean())
+        return loss, sum(abs(w - 1.0) for w in weights)
+
+    candidates = [w for w in itertools.product(WEIGHT_GRID, repeat=len(tables)) if any(w)]
+    return min(candidates, key=loss_then_plainness)
 
 
 def combined_rung(parts: Sequence[Built], validation: tuple[Sequence[str], Sequence[int]] | None = None) -> Built:

@@ -50,6 +50,7 @@ from taskling.export.common import (
     sha256_file,
 )
 from taskling.io import read_json, write_json, write_text
+from taskling.model.head import is_head_run
 from taskling.model.loader import load_model, load_tokenizer
 from taskling.rundir import RunDir
 from taskling.version import __version__
@@ -178,7 +179,7 @@ def export(
     if dtype not in MERGED_DTYPES:
         raise ExportError(f"unknown dtype {dtype!r} for merged weights", fix=f"use one of: {', '.join(MERGED_DTYPES)}")
     run = load_run(run_dir)
-    if run.manifest.get("head", "labels") == "linear":
+    if is_head_run(run.manifest):
         raise ExportError(
             f"{run_dir} classifies with a linear label head (model.head: linear); merged weights, GGUF, "
             "Ollama and vLLM runtimes score labels with the LM head and would drop it",

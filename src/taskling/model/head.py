@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 HEAD_MODULE = "taskling_head"
-HEADS = ("labels", "linear")
 
 
 def attach_head(model: Any, n_labels: int, first_tokens: Sequence[int] | None = None) -> torch.nn.Linear:
@@ -39,6 +38,11 @@ def attach_head(model: Any, n_labels: int, first_tokens: Sequence[int] | None = 
 
 def has_head(model: Any) -> bool:
     return hasattr(model, HEAD_MODULE)
+
+
+def is_head_run(manifest: dict[str, Any]) -> bool:
+    """Whether a run's run.json says it was trained with `model.head: linear` (runs before the key: no)."""
+    return manifest.get("head", "labels") == "linear"
 
 
 def head_scores(model: Any, hidden: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from taskling.errors import RunError
-from taskling.model.head import attach_head, has_head, head_weight
+from taskling.model.head import attach_head, has_head, head_weight, is_head_run
 from taskling.model.loader import (
     ChatFormat,
     base_path,
@@ -446,7 +446,7 @@ def load_adapters(
         )
     merge = len(runs) == 1 if merge is None else merge
     _check_quantize(quantize, device, dtype, merge)
-    heads = [name for name, m in manifests.items() if m.get("head", "labels") == "linear"]
+    heads = [name for name, m in manifests.items() if is_head_run(m)]
     if heads and len(runs) > 1:
         raise RunError(
             f"run {heads[0]!r} classifies with a linear label head (model.head: linear), which one base "

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from taskling.data.load import load_file
 from taskling.errors import DataError, RunError
 from taskling.io import iter_jsonl, read_json, write_json, write_jsonl
+from taskling.model.head import is_head_run
 from taskling.rundir import CLASSIFICATION, GENERATION, RunDir, read_manifest
 from taskling.train.checkpoint import save_adapter
 from taskling.train.loop import TrainingInterrupted, apply_gradients, set_seed, stop_signals
@@ -314,7 +315,7 @@ def dpo(
     run_dir, pairs_path = Path(run_dir), Path(pairs_path)
     kind = run_kind(run_dir)
     manifest = read_json(RunDir(run_dir).manifest)
-    if manifest.get("head", "labels") == "linear":
+    if is_head_run(manifest):
         raise RunError(
             f"{run_dir} classifies with a linear label head (model.head: linear); DPO refines the answer "
             "tokens' probabilities, which that head does not use",
