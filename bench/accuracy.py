@@ -4,7 +4,8 @@
     python bench/accuracy.py --rungs lora --rows-per-label 20 --set train.objective=labels
     python bench/accuracy.py --rungs lora --rows-per-label full --max-train-minutes 50   # rerun to continue
     python bench/accuracy.py --table                           # re-print the table from the cache
-    python bench/accuracy.py --throughput                      # plain vs prefix-once vs linear head rows/s, demo config
+    python bench/accuracy.py --throughput                      # training rows/s, each speed lever stacked, demo config
+    python bench/accuracy.py --attention                       # eager vs SDPA training step by row length
     python bench/accuracy.py --smoke                           # tiny random model, 8 fixture intents, seconds
 
 Data: the official splits (train 100 rows per label, in-scope test 4,500 rows), sampled per
@@ -277,20 +278,23 @@ def print_results(results: list[dict[str, Any]]) -> None:
 
 
 def throughput(args: Any) -> None:
-    """Training rows/s and tokens/s: plain path, prefix-once, and prefix-once with the linear head, side by side.
+    """Training rows/s and tokens/s of each speed lever, stacked one by one, side by side.
 
-    The demo's config, model (its dtype) and rows; each timed step is one micro-batch's
-    forward and backward pass (the optimizer step, the same for all, is left out; the model
-    does not change between paths), and the paths alternate batch by batch (the same
-    examples), so a busy machine slows all alike. The first round is warm-up. The head path
-    (`model.head: linear`) runs its own rows: the prompt only, no answer tokens.
+    The demo's config, model (its dtype) and rows. The first path is training as the issue
+    found it (plain path, SDPA, LoRA dropout 0.05); each next one adds one lever: prefix-once,
+    LoRA dropout 0, the null attention rule (eager here), bf16 autocast (`train.mixed_precision`
+    null: on for a bf16 base; the defaults now, what `make demo` trains with), and
+    `model.head: linear` (its own rows: the prompt only, no answer tokens).
+    Each timed step is one micro-batch's forward and backward pass (the optimizer step, the
+    same for all, is left out; no model changes between paths), and the paths alternate batch
+    by batch (the same examples), so a busy machine slows all alike. The first round is warm-up.
     """
 
     from taskling.config import build_config, merge, parse_overrides
     from taskling.data.demo import prepare_demo
     from taskling.model.head import attach_head
     from taskling.model.loader import ChatFormat, load_tokenizer, resolve_base
-    from taskling.train.loop import lora_model
+    from taskling.train.loop import lora_model, with_mixed_precision
     from taskling.train.loss import batches, collate
     from taskling.train.objective import Objective, ObjectiveLoss
     from taskling.train.sft import prepare_data, tokenize
@@ -301,24 +305,34 @@ def throughput(args: Any) -> None:
     path = resolve_base(config.model.base)
     fmt = ChatFormat(load_tokenizer(path), config.task, config.model.max_length)
     model_cfg = config.model.model_copy(update={"dtype": "float32"}) if args.smoke else config.model
-    model = lora_model(load_training_base(model_cfg, path, "cpu"), config.lora)
-    headed = load_training_base(model_cfg, path, "cpu")
-    attach_head(headed, len(config.task.labels), [seq[0] for seq in fmt.label_sequences])
-    head_model = lora_model(headed, config.lora)
     examples = prepare_data(config).train
     rows, head_rows = tokenize(examples, fmt), tokenize(examples, fmt, "linear")
+
+    def build(head: bool = False, attention: str | None = None, dropout: float = 0.0) -> Any:
+        base = load_training_base(model_cfg.model_copy(update={"attn_implementation": attention}), path, "cpu", rows)
+        if head:
+            attach_head(base, len(config.task.labels), [seq[0] for seq in fmt.label_sequences])
+        return lora_model(base, config.lora.model_copy(update={"dropout": dropout}))
+
     size = config.train.batch_size or 8
     order = batches(rows, size, 0, 0)
     pad = fmt.tokenizer.pad_token_id
     picked = [collate([rows[i] for i in b], pad, "cpu") for b in order]
     picked_head = [collate([head_rows[i] for i in b], pad, "cpu") for b in order]
+    filed, no_dropout, defaults = build(attention="sdpa", dropout=0.05), build(attention="sdpa"), build()
+    kernel = defaults.get_base_model().config._attn_implementation
+    mixed = with_mixed_precision(Objective(), config.train, defaults).mixed_precision  # null: on for a bf16 base
+    now = {"shared_prefix": True, "mixed_precision": mixed}
     paths = {
-        "plain": (ObjectiveLoss(model, Objective(shared_prefix=False)), picked),
-        "prefix-once": (ObjectiveLoss(model, Objective(shared_prefix=True)), picked),
-        "prefix-once, model.head: linear": (
-            ObjectiveLoss(head_model, Objective("head", shared_prefix=True)),
-            picked_head,
+        "plain (as filed: sdpa, lora.dropout 0.05)": (ObjectiveLoss(filed, Objective(shared_prefix=False)), picked),
+        "+ prefix-once": (ObjectiveLoss(filed, Objective(shared_prefix=True)), picked),
+        "+ lora.dropout 0": (ObjectiveLoss(no_dropout, Objective(shared_prefix=True)), picked),
+        f"+ attention null -> {kernel}": (ObjectiveLoss(defaults, Objective(shared_prefix=True)), picked),
+        f"+ mixed precision {'bf16' if mixed else 'off'} (defaults now)": (
+            ObjectiveLoss(defaults, Objective(**now)),
+            picked,
         ),
+        "+ model.head: linear": (ObjectiveLoss(build(head=True), Objective("head", **now)), picked_head),
     }
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     losses: dict[str, list[float]] = {name: [] for name in paths}
@@ -337,28 +351,70 @@ def throughput(args: Any) -> None:
                 tokens[name].append(int(batch["attention_mask"].sum()))
     # Medians: on a shared machine a step now and then takes 5x longer, whichever path it hits.
     step_s = {name: statistics.median(times) for name, times in seconds.items()}
+    first = next(iter(paths))
     table = [
         [
             name,
             steps,
             f"{size / step_s[name]:.2f}",
             f"{statistics.median(tokens[name]) / step_s[name]:.0f}",
-            f"{step_s['plain'] / step_s[name]:.2f}x",
+            f"{step_s[first] / step_s[name]:.2f}x",
             f"{losses[name][-1]:.5f}",
         ]
         for name in paths
     ]
-    ratio = step_s["plain"] / max(step_s["prefix-once"], 1e-9)
-    head_ratio = step_s["plain"] / max(step_s["prefix-once, model.head: linear"], 1e-9)
-    prefix = len(fmt.template.prefix_ids)
-    columns = ["path", "steps", "rows/s (median step)", "tokens/s", "rows/s vs plain", "last loss"]
-    caption = (
-        f"{prefix} shared prompt tokens; prefix-once / plain: {ratio:.2f}x; with the linear head: {head_ratio:.2f}x"
-    )
-    title = f"training throughput, demo config, batch {size}, {next(model.parameters()).dtype}"
+    names = list(paths)
+    columns = ["path", "steps", "rows/s (median step)", "tokens/s", "rows/s vs as filed", "last loss"]
+    caption = f"{len(fmt.template.prefix_ids)} shared prompt tokens; each path adds one lever to the one above"
+    title = f"training throughput, demo config, batch {size}, {next(filed.parameters()).dtype}"
     print_table(title, columns, table, caption=caption)
-    print(f"prefix-once speed-up, training rows/s: {ratio:.2f}x")
-    print(f"prefix-once + linear head speed-up, training rows/s: {head_ratio:.2f}x")
+    print(f"defaults now vs as filed, training rows/s: {step_s[first] / step_s[names[4]]:.2f}x")
+    print(f"with the linear head vs as filed, training rows/s: {step_s[first] / step_s[names[5]]:.2f}x")
+
+
+def attention_by_length(args: Any) -> None:
+    """Eager vs SDPA attention, LoRA forward + backward on the CPU, by row length (the null rule's threshold).
+
+    Random token batches (right padding on all rows but the first), the demo's base in its
+    dtype, LoRA dropout 0; the two kernels alternate step by step, the first step is warm-up.
+    """
+    import torch
+
+    from taskling.config import LoraSettings, ModelConfig
+    from taskling.model.loader import resolve_base
+    from taskling.train.loop import lora_model
+    from taskling.train.speed import EAGER_MAX_TOKENS, load_training_base
+
+    path = resolve_base(args.base)
+    model_cfg = ModelConfig(base=args.base, dtype="float32" if args.smoke else "auto")
+    models = {
+        kernel: lora_model(
+            load_training_base(model_cfg.model_copy(update={"attn_implementation": kernel}), path, "cpu"),
+            LoraSettings(dropout=0.0),
+        )
+        for kernel in ("sdpa", "eager")
+    }
+    shapes = [(16, 4), (32, 4)] if args.smoke else [(48, 8), (128, 8), (256, 8), (512, 4)]
+    steps = 2 if args.smoke else 4
+    table = []
+    for width, rows in shapes:
+        ids = torch.randint(3, min(1000, models["sdpa"].config.vocab_size), (rows, width))
+        mask = torch.ones_like(ids)
+        mask[1:, width * 3 // 4 :] = 0
+        seconds: dict[str, list[float]] = {kernel: [] for kernel in models}
+        for step in range(steps + 1):
+            for kernel, model in models.items():
+                started = time.perf_counter()
+                out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+                out.logits.float().sum().backward()
+                model.zero_grad(set_to_none=True)
+                if step:
+                    seconds[kernel].append(time.perf_counter() - started)
+        sdpa, eager = (statistics.median(seconds[k]) for k in ("sdpa", "eager"))
+        table.append([width, rows, f"{sdpa * 1000:.0f}", f"{eager * 1000:.0f}", f"{sdpa / eager:.2f}x"])
+    columns = ["tokens per row", "rows", "sdpa ms/step", "eager ms/step", "eager speed-up"]
+    caption = f"the null rule trains with eager on a CPU up to {EAGER_MAX_TOKENS} tokens per row"
+    print_table("attention kernel by row length, LoRA forward + backward, CPU", columns, table, caption=caption)
 
 
 def main() -> None:
@@ -371,8 +427,9 @@ def main() -> None:
     parser.add_argument("--base", default=BASE)
     parser.add_argument("--max-train-minutes", type=float, default=None)
     parser.add_argument("--table", action="store_true", help="print every cached result and stop")
-    parser.add_argument("--throughput", action="store_true", help="plain vs prefix-once vs linear head training speed")
+    parser.add_argument("--throughput", action="store_true", help="training rows/s, each speed lever stacked")
     parser.add_argument("--steps", type=int, default=20, help="training steps per path for --throughput")
+    parser.add_argument("--attention", action="store_true", help="eager vs SDPA training step time by row length")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
@@ -387,6 +444,10 @@ def main() -> None:
         results = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
         print_results(results)
         return
+    if args.attention or args.smoke:
+        attention_by_length(args)
+        if not args.smoke:
+            return
     if args.throughput or args.smoke:
         throughput(args)
         if not args.smoke:

@@ -61,6 +61,38 @@ def test_prefix_once_gives_the_plain_paths_loss_and_lora_gradients(
         torch.testing.assert_close(grads_once[name], grads[name], atol=1e-5, rtol=1e-4)
 
 
+def test_mixed_precision_runs_lora_in_bf16_against_float32_weights(
+    tiny_model_dir: Path, fmt: ChatFormat, examples: list[tuple[str, str]]
+) -> None:
+    from taskling.config import TrainSettings
+    from taskling.train.loop import with_mixed_precision
+
+    torch.manual_seed(0)
+    model = lora_model(load_model(str(tiny_model_dir), torch.bfloat16), LoraSettings(r=4, dropout=0.0))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    lora_a = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    assert lora_a and all(m.weight.dtype == torch.float32 for m in lora_a)  # peft keeps adapters in float32
+    seen: list[torch.dtype] = []
+    hook = lora_a[0].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    batch = collate([fmt.training_ids(t, label) for t, label in examples], fmt.tokenizer.pad_token_id, "cpu")
+    loss_fp32, grads_fp32 = grads_of(model, obj.Objective(), batch)
+    loss_mixed, grads_mixed = grads_of(model, obj.Objective(mixed_precision=True), batch)
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]  # without, LoRA casts the activations up; with, bf16
+    assert loss_mixed == pytest.approx(loss_fp32, rel=2e-2)
+    assert grads_mixed.keys() == grads_fp32.keys()
+    for name in grads_mixed:  # the optimizer's weights and gradients stay float32
+        assert grads_mixed[name].dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(grads_mixed[name].flatten(), grads_fp32[name].flatten(), 0) > 0.95
+    # null: on exactly when the base runs in bf16; an explicit setting wins.
+    assert with_mixed_precision(obj.Objective(), TrainSettings(), model).mixed_precision
+    assert not with_mixed_precision(obj.Objective(), TrainSettings(mixed_precision=False), model).mixed_precision
+    fp32 = lora_model(load_model(str(tiny_model_dir), torch.float32), LoraSettings(r=4))
+    assert not with_mixed_precision(obj.Objective(), TrainSettings(), fp32).mixed_precision
+
+
 def test_the_shared_prefix_stops_before_any_scored_position() -> None:
     ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 3, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])

@@ -218,6 +218,22 @@ def test_eager_and_sdpa_attention_agree(tiny_model_dir: Path) -> None:
         torch.testing.assert_close(token_losses(eager, batch), token_losses(sdpa, batch), atol=1e-5, rtol=1e-5)
 
 
+def test_unset_attention_is_eager_for_short_rows_on_the_cpu_and_sdpa_otherwise(tiny_model_dir: Path) -> None:
+    unset, short, long = ModelConfig(), rows_of([(20, 2)]), rows_of([(20, 2), (speed.EAGER_MAX_TOKENS, 1)])
+    assert speed.training_attention(unset, "cpu", 22, packing=False) == "eager"
+    assert speed.training_attention(unset, "cpu", speed.EAGER_MAX_TOKENS + 1, packing=False) == "sdpa"
+    assert speed.training_attention(unset, "cpu", 22, packing=True) == "sdpa"  # packed rows are long
+    assert speed.training_attention(unset, "cuda", 22, packing=False) == "sdpa"
+    assert speed.training_attention(unset, "cpu", None, packing=False) == "sdpa"  # no rows to judge by
+    assert speed.training_attention(ModelConfig(attn_implementation="sdpa"), "cpu", 22, packing=False) == "sdpa"
+    kernel = {
+        name: speed.load_training_base(ModelConfig(dtype="float32"), str(tiny_model_dir), "cpu", rows).config
+        for name, rows in (("short", short), ("long", long))
+    }
+    assert kernel["short"]._attn_implementation == "eager"
+    assert kernel["long"]._attn_implementation == "sdpa"
+
+
 @pytest.mark.slow
 def test_compiled_layers_give_the_eager_outputs(tiny_model_dir: Path) -> None:
     model = load_model(str(tiny_model_dir), torch.float32).eval()

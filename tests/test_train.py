@@ -113,7 +113,9 @@ def test_early_stopping_keeps_the_best_adapter_not_the_last(tiny_config: dict[st
     assert result.best_step == best_step < result.steps
     assert evals[-1][1] > best_loss
     # Reload the kept adapter and measure: it is the best one's loss, not the last one's.
-    clf = Classifier.from_run(result.run_dir, merge=False)
+    # In float32, as it trained: reloaded in the CPU's default bf16 the loss moves by ~1e-3, as
+    # much as the best and the last evaluations differ here.
+    clf = Classifier.from_run(result.run_dir, merge=False, dtype="float32")
     from taskling.data.load import load_file
     from taskling.train.loss import validation_loss
     from taskling.train.sft import tokenize

@@ -54,8 +54,10 @@ class ModelConfig(_Strict):
     # about a quarter of bf16's memory; LoRA trains on top in higher precision.
     quantize: Literal["nf4"] | None = None
     # Attention kernel for training: "sdpa" (PyTorch's fused attention) works everywhere;
-    # "flash_attention_2" needs CUDA and the flash-attn package.
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    # "flash_attention_2" needs CUDA and the flash-attn package. null: "eager" when training on
+    # a CPU on unpacked rows of at most 256 tokens (its backward is 1.24-1.30x faster there than
+    # SDPA's, bench/NOTES.md), else "sdpa" (`train.speed.training_attention`).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
     # How a classifier scores its labels (model/head.py): "labels" scores each label's answer
     # tokens with the LM head; "linear" trains a [labels x hidden] head on the last prompt
     # position with cross-entropy over the labels (classification tasks only; exports as an
@@ -66,7 +68,9 @@ class ModelConfig(_Strict):
 class LoraSettings(_Strict):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # 0 by default: on a CPU the dropout masks are 13% of a training step (bench/NOTES.md), and
+    # without dropout prefix-once training is exactly the plain path.
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # "all-linear" targets every linear layer but the output head (the QLoRA recipe).
     target_modules: str | list[str] = "all-linear"
 
@@ -110,6 +114,10 @@ class TrainSettings(_Strict):
     # computed once per micro-batch. null: on where it applies (not with packing, gradient
     # checkpointing or sliding-window layers); same loss and gradients as the plain path.
     shared_prefix: bool | None = None
+    # Mixed precision: the forward pass under torch.autocast in the base's bfloat16, so the LoRA
+    # matmuls run in bf16 against their float32 weights (which the optimizer keeps) instead of
+    # casting every activation to float32. null: on when the base runs in bfloat16.
+    mixed_precision: bool | None = None
     # Which evaluation's adapter is kept: the lowest validation loss, or (generation runs) the
     # best task metric on `metric_rows` validation rows generated at each evaluation.
     select_by: Literal["val_loss", "metric"] = "val_loss"

@@ -82,7 +82,7 @@ def prepare_demo(
         "task": {"name": f"clinc{intents}", "labels": labels, "instruction": INSTRUCTION},
         "data": {"train": [str(source / "train.jsonl")], "validation": [str(source / "validation.jsonl")]},
         "model": {"base": base, "max_length": 96},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "train": {"epochs": epochs, "batch_size": 8, "learning_rate": 3e-4, "patience": 2, "seed": 0},
         "run_dir": str(run_dir),
     }

@@ -67,7 +67,7 @@ def _preset(alias: str, hub_id: str, family: str, template: str, size_b: float, 
     settings: dict[str, object] = {
         "r": 16,
         "alpha": 32,
-        "dropout": 0.05,
+        "dropout": 0.0,
         "max_length": 256,
         "quantize": "nf4" if size_b >= 4 else None,
     }

@@ -99,11 +99,12 @@ def train_extraction(config: ExtractionConfig, *, progress: ProgressFn | None = 
         write_json(run.manifest, run_manifest(config, base_path, fmt, train_ex, val_ex, loaded))
     accelerator.wait_for_everyone()
 
-    model = lora_model(load_training_base(config.model, base_path, accelerator.device), config.lora)
     train_rows = [fmt.training_ids(ex.text, ex.record) for ex in train_ex]
     val_rows = [fmt.training_ids(ex.text, ex.record) for ex in val_ex]
-    pad_id = tokenizer.pad_token_id
     levers = Levers.resolve(settings, config.model, world=accelerator.num_processes)
+    base = load_training_base(config.model, base_path, accelerator.device, train_rows + val_rows, levers)
+    model = lora_model(base, config.lora)
+    pad_id = tokenizer.pad_token_id
     loop = build_loop(
         settings, model, run.root, train_rows, val_rows, pad_id, accelerator, checkpoints=False, levers=levers
     )

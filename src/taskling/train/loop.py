@@ -246,7 +246,7 @@ def build_loop(
     total_steps = settings.max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
     levers = levers or Levers.resolve(settings, world=accelerator.num_processes)
     apply_model_levers(model, levers)
-    spec = with_shared_prefix(objective or Objective(), settings, model, levers)
+    spec = with_mixed_precision(with_shared_prefix(objective or Objective(), settings, model, levers), settings, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(
@@ -292,6 +292,17 @@ def with_shared_prefix(objective: Objective, settings: TrainSettings, model: Any
         level = logging.WARNING if settings.shared_prefix else logging.DEBUG
         log.log(level, "prefix-once training off: %s", why)
     return replace(objective, shared_prefix=why is None)
+
+
+def with_mixed_precision(objective: Objective, settings: TrainSettings, model: Any) -> Objective:
+    """`objective` under bf16 autocast as `train.mixed_precision` says (null: when the base is bf16)."""
+    from dataclasses import replace
+
+    bf16 = any(p.dtype == torch.bfloat16 for p in model.get_base_model().parameters())
+    on = bf16 if settings.mixed_precision is None else settings.mixed_precision
+    if on:
+        log.info("mixed precision: forward pass under bf16 autocast")
+    return replace(objective, mixed_precision=on)
 
 
 def iter_history(run_dir: str | Path) -> Iterator[dict[str, Any]]:

@@ -44,6 +44,8 @@ class Objective:
     # answer prefix (tuple of token ids) -> the tokens allowed next, where more than one is
     branches: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
     shared_prefix: bool = False
+    # Run the forward pass under torch.autocast in bfloat16 (`train.mixed_precision`).
+    mixed_precision: bool = False
 
     @classmethod
     def for_labels(
@@ -164,7 +166,8 @@ class ObjectiveLoss(torch.nn.Module):
             batch["attention_mask"] = attention_mask
         if position_ids is not None:
             batch["position_ids"] = position_ids
-        total = objective_loss(self.spec, self.model.get_base_model(), batch)
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.spec.mixed_precision):
+            total = objective_loss(self.spec, self.model.get_base_model(), batch)
         return total, torch.tensor(float(self.spec.units(batch)), device=input_ids.device)
 
 

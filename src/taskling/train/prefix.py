@@ -5,9 +5,9 @@ row, so every row of a padded micro-batch starts with the same tokens. Their key
 are computed once, on one row and with gradients, then expanded to the batch (the backward
 pass sums the rows' gradients into that one computation); only the per-row suffixes
 (message, answer) run as a batch against that cache, with their own positions and the
-padding masked. The loss and the LoRA gradients equal the plain path's (tests/test_prefix.py)
-up to float rounding; only LoRA dropout differs: the prefix shares one dropout mask per
-micro-batch instead of one per row.
+padding masked. The loss and the LoRA gradients equal the plain path's (tests/test_objective.py)
+up to float rounding; only LoRA dropout (`lora.dropout`, 0 by default) would differ: the prefix
+shares one dropout mask per micro-batch instead of one per row.
 
 It does not apply, and the plain path runs (the reason is logged once at debug level), to
 packed batches (`train.packing`: rows laid end to end have no common head), to gradient

@@ -212,15 +212,15 @@ def train(
         write_run_files(run, config, data, manifest, tokenizer)
     accelerator.wait_for_everyone()
 
-    base = load_training_base(config.model, base_path, accelerator.device)
-    if config.model.head == "linear":
-        attach_head(base, len(config.task.labels), [seq[0] for seq in fmt.label_sequences])
-    model = lora_model(base, config.lora)
     train_rows, val_rows = (
         tokenize(data.train, fmt, config.model.head),
         tokenize(data.validation, fmt, config.model.head),
     )
     levers = Levers.resolve(settings, config.model, world=accelerator.num_processes)
+    base = load_training_base(config.model, base_path, accelerator.device, train_rows + val_rows, levers)
+    if config.model.head == "linear":
+        attach_head(base, len(config.task.labels), [seq[0] for seq in fmt.label_sequences])
+    model = lora_model(base, config.lora)
     pad_id = tokenizer.pad_token_id
     kind = "head" if config.model.head == "linear" else settings.objective
     objective = Objective.for_labels(kind, fmt.label_sequences, label_weight=settings.label_loss_weight)

@@ -10,7 +10,7 @@ Padding-free packing itself is `loss.pack`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,13 +130,40 @@ def search_micro_batch(
     return 0 if n >= len(longest) else n
 
 
-def load_training_base(model: ModelConfig, path: str, device: str | torch.device) -> Any:
-    """The base model as `model` configures it for training: dtype, attention kernel, NF4 (QLoRA)."""
+# Rows up to this many tokens train faster with eager attention than with SDPA on a CPU:
+# 1.30x per step at 48 tokens, 1.24x at 256, 0.87x at 512 (SmolLM2-135M, LoRA, bf16, 2 cores).
+EAGER_MAX_TOKENS = 256
+
+
+def training_attention(model: ModelConfig, device: str | torch.device, longest: int | None, *, packing: bool) -> str:
+    """The attention kernel a run trains with: `model.attn_implementation` as set, or (null)
+    eager on a CPU for unpacked rows of at most EAGER_MAX_TOKENS tokens, SDPA otherwise."""
+    if model.attn_implementation is not None:
+        return model.attn_implementation
+    short = longest is not None and longest <= EAGER_MAX_TOKENS and not packing
+    return "eager" if short and torch.device(device).type == "cpu" else "sdpa"
+
+
+def load_training_base(
+    model: ModelConfig,
+    path: str,
+    device: str | torch.device,
+    rows: Sequence[tuple[list[int], list[int]]] = (),
+    levers: Levers | None = None,
+) -> Any:
+    """The base model as `model` configures it for training: dtype, attention kernel, NF4 (QLoRA).
+
+    `rows` (the tokenized training and validation rows) and `levers` (packing) pick the kernel
+    when `model.attn_implementation` is null: `training_attention`; no rows given: SDPA.
+    """
     from taskling.model.loader import load_model, pick_dtype
     from taskling.model.quantize import check_quantize, quantize_nf4
 
     check_quantize(model.quantize)
-    base = load_model(path, pick_dtype(model.dtype), device, attn_implementation=model.attn_implementation)
+    longest = max((len(ids) for ids, _ in rows), default=None)
+    attention = training_attention(model, device, longest, packing=levers is not None and levers.packing)
+    log.info("attention kernel: %s", attention)
+    base = load_model(path, pick_dtype(model.dtype), device, attn_implementation=attention)
     if model.quantize == "nf4":
         quantize_nf4(base)
     return base
