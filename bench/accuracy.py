@@ -294,9 +294,9 @@ def throughput(args: Any) -> None:
     from taskling.data.demo import prepare_demo
     from taskling.model.head import attach_head
     from taskling.model.loader import ChatFormat, load_tokenizer, resolve_base
-    from taskling.train.loop import lora_model, with_mixed_precision
+    from taskling.train.loop import lora_model
     from taskling.train.loss import batches, collate
-    from taskling.train.objective import Objective, ObjectiveLoss
+    from taskling.train.objective import Objective, ObjectiveLoss, with_mixed_precision
     from taskling.train.sft import prepare_data, tokenize
     from taskling.train.speed import load_training_base
 

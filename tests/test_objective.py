@@ -65,7 +65,7 @@ def test_mixed_precision_runs_lora_in_bf16_against_float32_weights(
     tiny_model_dir: Path, fmt: ChatFormat, examples: list[tuple[str, str]]
 ) -> None:
     from taskling.config import TrainSettings
-    from taskling.train.loop import with_mixed_precision
+    from taskling.train.objective import with_mixed_precision
 
     torch.manual_seed(0)
     model = lora_model(load_model(str(tiny_model_dir), torch.bfloat16), LoraSettings(r=4, dropout=0.0))

@@ -44,7 +44,7 @@ from taskling.train.checkpoint import (
 )
 from taskling.train.defaults import resolve_defaults
 from taskling.train.loss import Row, batches, collate, pack
-from taskling.train.objective import Objective, ObjectiveLoss, objective_validation_loss
+from taskling.train.objective import Objective, ObjectiveLoss, objective_validation_loss, with_mixed_precision
 from taskling.train.prefix import prefix_unsupported
 from taskling.train.speed import Levers, apply_model_levers, search_micro_batch
 from taskling.train.tracking import Trackers, open_trackers
@@ -292,17 +292,6 @@ def with_shared_prefix(objective: Objective, settings: TrainSettings, model: Any
         level = logging.WARNING if settings.shared_prefix else logging.DEBUG
         log.log(level, "prefix-once training off: %s", why)
     return replace(objective, shared_prefix=why is None)
-
-
-def with_mixed_precision(objective: Objective, settings: TrainSettings, model: Any) -> Objective:
-    """`objective` under bf16 autocast as `train.mixed_precision` says (null: when the base is bf16)."""
-    from dataclasses import replace
-
-    bf16 = any(p.dtype == torch.bfloat16 for p in model.get_base_model().parameters())
-    on = bf16 if settings.mixed_precision is None else settings.mixed_precision
-    if on:
-        log.info("mixed precision: forward pass under bf16 autocast")
-    return replace(objective, mixed_precision=on)
 
 
 def iter_history(run_dir: str | Path) -> Iterator[dict[str, Any]]:

@@ -20,6 +20,7 @@ the best adapter follow what is trained. `ObjectiveLoss` also runs prefix-once t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,9 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from taskling.config import TrainSettings
 from taskling.model.head import head_scores
 from taskling.train.loss import Row, answer_tokens, collate, head_logits, next_token_states
 from taskling.train.prefix import prefix_once_hidden, shared_prefix_length
+
+log = logging.getLogger(__name__)
 
 OBJECTIVES = ("lm", "labels", "mixed", "head")
 PER_ROW = ("labels", "head")  # objectives normalised per row, not per answer token
@@ -140,6 +144,15 @@ def objective_loss(objective: Objective, base_model: Any, batch: dict[str, torch
     if objective.kind == "labels":
         return labels
     return F.cross_entropy(logits, targets, reduction="sum") + objective.label_weight * labels
+
+
+def with_mixed_precision(objective: Objective, settings: TrainSettings, model: Any) -> Objective:
+    """`objective` under bf16 autocast as `train.mixed_precision` says (null: when the base is bf16)."""
+    bf16 = any(p.dtype == torch.bfloat16 for p in model.get_base_model().parameters())
+    on = bf16 if settings.mixed_precision is None else settings.mixed_precision
+    if on:
+        log.info("mixed precision: forward pass under bf16 autocast")
+    return replace(objective, mixed_precision=on)
 
 
 class ObjectiveLoss(torch.nn.Module):
