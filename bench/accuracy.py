@@ -323,16 +323,14 @@ def throughput(args: Any) -> None:
     kernel = defaults.get_base_model().config._attn_implementation
     mixed = with_mixed_precision(Objective(), config.train, defaults).mixed_precision  # null: on for a bf16 base
     now = {"shared_prefix": True, "mixed_precision": mixed}
+    defaults_now, with_head = f"+ mixed precision {'bf16' if mixed else 'off'} (defaults now)", "+ model.head: linear"
     paths = {
         "plain (as filed: sdpa, lora.dropout 0.05)": (ObjectiveLoss(filed, Objective(shared_prefix=False)), picked),
         "+ prefix-once": (ObjectiveLoss(filed, Objective(shared_prefix=True)), picked),
         "+ lora.dropout 0": (ObjectiveLoss(no_dropout, Objective(shared_prefix=True)), picked),
         f"+ attention null -> {kernel}": (ObjectiveLoss(defaults, Objective(shared_prefix=True)), picked),
-        f"+ mixed precision {'bf16' if mixed else 'off'} (defaults now)": (
-            ObjectiveLoss(defaults, Objective(**now)),
-            picked,
-        ),
-        "+ model.head: linear": (ObjectiveLoss(build(head=True), Objective("head", **now)), picked_head),
+        defaults_now: (ObjectiveLoss(defaults, Objective(**now)), picked),
+        with_head: (ObjectiveLoss(build(head=True), Objective("head", **now)), picked_head),
     }
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     losses: dict[str, list[float]] = {name: [] for name in paths}
@@ -363,13 +361,12 @@ def throughput(args: Any) -> None:
         ]
         for name in paths
     ]
-    names = list(paths)
     columns = ["path", "steps", "rows/s (median step)", "tokens/s", "rows/s vs as filed", "last loss"]
     caption = f"{len(fmt.template.prefix_ids)} shared prompt tokens; each path adds one lever to the one above"
     title = f"training throughput, demo config, batch {size}, {next(filed.parameters()).dtype}"
     print_table(title, columns, table, caption=caption)
-    print(f"defaults now vs as filed, training rows/s: {step_s[first] / step_s[names[4]]:.2f}x")
-    print(f"with the linear head vs as filed, training rows/s: {step_s[first] / step_s[names[5]]:.2f}x")
+    print(f"defaults now vs as filed, training rows/s: {step_s[first] / step_s[defaults_now]:.2f}x")
+    print(f"with the linear head vs as filed, training rows/s: {step_s[first] / step_s[with_head]:.2f}x")
 
 
 def attention_by_length(args: Any) -> None:

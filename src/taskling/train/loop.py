@@ -44,8 +44,7 @@ from taskling.train.checkpoint import (
 )
 from taskling.train.defaults import resolve_defaults
 from taskling.train.loss import Row, batches, collate, pack
-from taskling.train.objective import Objective, ObjectiveLoss, objective_validation_loss, with_mixed_precision
-from taskling.train.prefix import prefix_unsupported
+from taskling.train.objective import Objective, ObjectiveLoss, objective_validation_loss, with_levers
 from taskling.train.speed import Levers, apply_model_levers, search_micro_batch
 from taskling.train.tracking import Trackers, open_trackers
 
@@ -246,7 +245,7 @@ def build_loop(
     total_steps = settings.max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
     levers = levers or Levers.resolve(settings, world=accelerator.num_processes)
     apply_model_levers(model, levers)
-    spec = with_mixed_precision(with_shared_prefix(objective or Objective(), settings, model, levers), settings, model)
+    spec = with_levers(objective or Objective(), settings, model, levers)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(
@@ -277,21 +276,6 @@ def build_loop(
     if levers.auto_batch:
         loop.chunk_rows = search_micro_batch(loop.objective, optimizer, train_rows, settings.batch_size, loop.to_batch)
     return loop
-
-
-def with_shared_prefix(objective: Objective, settings: TrainSettings, model: Any, levers: Levers) -> Objective:
-    """`objective` with prefix-once training on where `train.shared_prefix` asks for it and it applies."""
-    from dataclasses import replace
-
-    if settings.shared_prefix is False:
-        return replace(objective, shared_prefix=False)
-    why = prefix_unsupported(
-        model.get_base_model().config, packing=levers.packing, gradient_checkpointing=levers.gradient_checkpointing
-    )
-    if why is not None:
-        level = logging.WARNING if settings.shared_prefix else logging.DEBUG
-        log.log(level, "prefix-once training off: %s", why)
-    return replace(objective, shared_prefix=why is None)
 
 
 def iter_history(run_dir: str | Path) -> Iterator[dict[str, Any]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from taskling.config import TrainSettings
 from taskling.model.head import head_scores
 from taskling.train.loss import Row, answer_tokens, collate, head_logits, next_token_states
-from taskling.train.prefix import prefix_once_hidden, shared_prefix_length
+from taskling.train.prefix import prefix_once_hidden, prefix_unsupported, shared_prefix_length
+
+if TYPE_CHECKING:
+    from taskling.train.speed import Levers
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,24 @@ def objective_loss(objective: Objective, base_model: Any, batch: dict[str, torch
     if objective.kind == "labels":
         return labels
     return F.cross_entropy(logits, targets, reduction="sum") + objective.label_weight * labels
+
+
+def with_levers(objective: Objective, settings: TrainSettings, model: Any, levers: Levers) -> Objective:
+    """`objective` with the speed levers `settings` and `levers` resolve to: prefix-once, mixed precision."""
+    return with_mixed_precision(with_shared_prefix(objective, settings, model, levers), settings, model)
+
+
+def with_shared_prefix(objective: Objective, settings: TrainSettings, model: Any, levers: Levers) -> Objective:
+    """`objective` with prefix-once training on where `train.shared_prefix` asks for it and it applies."""
+    if settings.shared_prefix is False:
+        return replace(objective, shared_prefix=False)
+    why = prefix_unsupported(
+        model.get_base_model().config, packing=levers.packing, gradient_checkpointing=levers.gradient_checkpointing
+    )
+    if why is not None:
+        level = logging.WARNING if settings.shared_prefix else logging.DEBUG
+        log.log(level, "prefix-once training off: %s", why)
+    return replace(objective, shared_prefix=why is None)
 
 
 def with_mixed_precision(objective: Objective, settings: TrainSettings, model: Any) -> Objective:
