@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from common import bench_parser
+from common import bench_parser, work_dir
 from taskling.serve.classifier import Classifier
 from taskling.task import Task
 from taskling.train.loss import collate, pack
@@ -233,8 +233,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (<= 3 minutes on an H200)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per path (default 20; quick 8)")
     parser.add_argument("--repeats", type=int, default=None, help="classify repeats (default 30; quick 10)")
-    parser.add_argument("--json", type=Path, default=Path("gpu_bench.json"), help="where to write the results")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="results file (default gpu_bench.json; --smoke: a temp folder)"
+    )
     args = parser.parse_args()
+    if args.json is None:  # a smoke run (CI) must not overwrite a real GPU measurement in the working tree
+        args.json = work_dir("gpu") / "gpu_bench.json" if args.smoke else Path("gpu_bench.json")
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = ["tiny-llama"] if args.smoke else args.shapes.split(",")

@@ -78,13 +78,16 @@ def run_script(name: str, args: list[str], tmp_path: Path) -> subprocess.Complet
 
 
 @pytest.mark.slow
-def test_gpu_bench_prints_both_paths_and_the_ratio() -> None:
+def test_gpu_bench_prints_both_paths_and_the_ratio(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, str(BENCH / "gpu.py"), "--smoke"], capture_output=True, text=True, timeout=600
+        [sys.executable, str(BENCH / "gpu.py"), "--smoke"], capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| tiny-llama")]
     assert [row.split("|")[2].strip() for row in rows] == ["stock", "taskling", "ratio"]
+    # A smoke run writes its JSON to a temp folder, never over gpu_bench.json where it runs.
+    assert not (tmp_path / "gpu_bench.json").exists()
+    assert "wrote " in done.stdout and "taskling-bench-gpu-" in done.stdout
 
 
 def test_cpu_bench_compares_the_label_trie_and_the_linear_head(tmp_path: Path) -> None:
